@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtualenv with the right torch, the project with every extra,
+# and the system tools the tests use (promtool). Safe to run again.
+set -euo pipefail
+venv=${1:-.venv}
+torch_cpu=${2:-torch==2.13.0}
+
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+
+# torch first: without a GPU take the CPU build, so the project's `torch` range is already met
+# and pip does not pull the CUDA build.
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        "$venv/bin/python" -m pip install -q torch
+    else
+        "$venv/bin/python" -m pip install -q "$torch_cpu"
+    fi
+fi
+"$venv/bin/python" -m pip install -q -e ".[dev]"
+
+# promtool (Debian's prometheus package) validates and unit-tests the alerting rules.
+if ! command -v promtool >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
+            >/dev/null) || echo "setup: could not install prometheus (promtool); k8s rule tests will fail" >&2
+    else
+        echo "setup: promtool not found; install Debian's 'prometheus' package for the k8s tests" >&2
+    fi
+fi

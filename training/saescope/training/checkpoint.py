@@ -1,0 +1,241 @@
+"""SAE checkpoints: directories SAELens can load, written atomically, verified on load.
+
+Layout of a checkpoint directory::
+
+    cfg.json                  SAELens config (architecture, d_in, d_sae, metadata: model, hook)
+    sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec — the exported SAE, in model units
+    sparsity.safetensors      "sparsity": log10 feature density over the last window (optional)
+    saescope.json             saescope's metadata: model, hookpoint, scale, tokens, metrics,
+                              config, and the sha256 of every other file
+    training_state/           (optional) what resuming needs: raw weights, optimizer, RNG, data
+                              position — tensors in safetensors, the rest in JSON; never pickle
+
+A checkpoint is built in a temporary sibling directory and renamed into place, so a reader sees
+either the old checkpoint or the complete new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from saescope.training.sae import SAE, SAEConfig
+
+FORMAT_VERSION = 1
+META_FILE = "saescope.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+CFG_FILE = "cfg.json"
+STATE_DIR = "training_state"
+SAE_LENS_VERSION = "6.0.0"  # the cfg.json schema we write: SAELens ≥ 6
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt, or of an unknown format."""
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def save_checkpoint(
+    path: Path,
+    sae: SAE,
+    meta: dict[str, Any],
+    *,
+    sparsity: Tensor | None = None,
+    state_tensors: dict[str, dict[str, Tensor]] | None = None,
+    state_json: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``sae`` (already exported to model units) and ``meta`` to ``path`` atomically.
+
+    ``meta`` must hold at least ``model`` and ``hookpoint``. ``state_tensors`` maps file stems
+    under ``training_state/`` to tensor dicts; ``state_json`` is written as ``state.json`` there.
+    """
+    for key in ("model", "hookpoint"):
+        if key not in meta:
+            raise ValueError(f"meta: missing {key!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        _write_contents(tmp, sae, meta, sparsity, state_tensors, state_json)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_contents(
+    out: Path,
+    sae: SAE,
+    meta: dict[str, Any],
+    sparsity: Tensor | None,
+    state_tensors: dict[str, dict[str, Tensor]] | None,
+    state_json: dict[str, Any] | None,
+) -> None:
+    weights = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    save_file(weights, str(out / WEIGHTS_FILE))
+    if sparsity is not None:
+        save_file({"sparsity": sparsity.detach().float().cpu().contiguous()}, str(out / SPARSITY_FILE))
+    _write_json(out / CFG_FILE, sae_lens_cfg(sae.cfg, meta, dtype=sae.W_enc.dtype))
+    if state_tensors or state_json:
+        (out / STATE_DIR).mkdir()
+        for stem, tensors in (state_tensors or {}).items():
+            clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            save_file(clean, str(out / STATE_DIR / f"{stem}.safetensors"))
+        _write_json(out / STATE_DIR / "state.json", state_json or {})
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "sae": sae.cfg.to_dict(),
+        "files": {rel: _sha256(out / rel) for rel in _payload_files(out)},
+    }
+    _write_json(out / META_FILE, full_meta)
+    _fsync_tree(out)
+
+
+def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``cfg.json`` SAELens ≥ 6 reads (``SAE.load_from_disk``)."""
+    arch: dict[str, Any] = (
+        {"architecture": "standard", "apply_b_dec_to_input": False}
+        if cfg.architecture == "relu"
+        else {"architecture": "topk", "k": cfg.k, "apply_b_dec_to_input": True}
+    )
+    return {
+        **arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cpu",
+        # The normalisation scale is folded into the weights on export: inputs are raw.
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAE_LENS_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": meta["model"],
+            "hook_name": meta["hookpoint"],
+            "hook_head_index": None,
+            "prepend_bos": bool(meta.get("prepend_bos", False)),
+            "context_size": meta.get("context_size"),
+            "dataset_path": meta.get("dataset"),
+            "trained_with": "saescope",
+        },
+    }
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` onto ``path``; an existing ``path`` is moved aside first, then removed."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def read_meta(path: Path) -> dict[str, Any]:
+    """``saescope.json`` of a checkpoint, with a clear error if absent or unreadable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint: {path} is not a directory")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint: {path} has no {META_FILE} (incomplete?)") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint: {path / META_FILE} is not valid JSON: {e}") from e
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint: {path} has format_version {version!r}; this saescope reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every file against the sha256 recorded in ``saescope.json``; return the metadata."""
+    path = Path(path)
+    meta = meta or read_meta(path)
+    for rel, digest in meta.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint: {path} is missing {rel}")
+        if _sha256(f) != digest:
+            raise CheckpointError(
+                f"checkpoint: {f} does not match its recorded sha256 (corrupt or truncated)"
+            )
+    return meta
+
+
+def load_sae(
+    path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[SAE, dict[str, Any]]:
+    """Load the exported SAE and its metadata after verifying every hash."""
+    meta = verify(path)
+    cfg = SAEConfig(**meta["sae"])
+    weights = _load_tensors(Path(path) / WEIGHTS_FILE)
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,)}
+    expected |= {"W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    for name, shape in expected.items():
+        if name not in weights or tuple(weights[name].shape) != shape:
+            got = tuple(weights[name].shape) if name in weights else "absent"
+            raise CheckpointError(f"checkpoint: {name} should have shape {shape}, got {got}")
+    sae = SAE(cfg, dtype=dtype or weights["W_enc"].dtype)
+    sae.load_state_dict({k: weights[k] for k in expected})
+    return sae.to(device).eval().requires_grad_(False), meta
+
+
+def load_training_state(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """The ``training_state/`` of a (verified) checkpoint: tensor files by stem, and state.json."""
+    verify(path)
+    state_dir = Path(path) / STATE_DIR
+    if not state_dir.is_dir():
+        raise CheckpointError(f"checkpoint: {path} has no {STATE_DIR}/ (not resumable)")
+    tensors = {f.stem: _load_tensors(f) for f in sorted(state_dir.glob("*.safetensors"))}
+    state = json.loads((state_dir / "state.json").read_text())
+    return tensors, state
+
+
+def _load_tensors(f: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint: cannot read {f}: {e}") from e
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _payload_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with f.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(f: Path, obj: Any) -> None:
+    f.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in [*root.rglob("*"), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

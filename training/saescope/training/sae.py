@@ -1,0 +1,179 @@
+"""The sparse autoencoder: every architecture's math in one module.
+
+Shapes: ``x`` is ``(N, d_in)``, features ``f`` are ``(N, d_sae)``. Weights follow DESIGN §3:
+``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``.
+
+``relu`` — Templeton et al. 2024, *Scaling Monosemanticity* (and the April 2024 update)::
+
+    f  = ReLU(W_encᵀ x + b_enc)                    (no pre-encoder bias)
+    x̂  = W_decᵀ f + b_dec
+    L  = ‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖₂
+
+``topk`` — Gao et al. 2024, *Scaling and evaluating sparse autoencoders*::
+
+    f  = ReLU(TopK_k(W_encᵀ (x − b_dec) + b_enc))
+    x̂  = W_decᵀ f + b_dec,     ‖W_dec,i‖₂ = 1
+    L  = ‖x − x̂‖² + α · ‖e − ê‖²,   e = x − x̂,   ê = W_decᵀ TopK_{k_aux}(dead pre-acts)
+
+The trained SAE lives in normalised units (``x · scale`` with E‖x·scale‖² = d_in). ``export()``
+returns an inference copy in model units with unit-norm decoder rows, so that served features
+are ``f_i · ‖W_dec,i‖`` (the paper's convention) and ``x̂`` is in the model's own units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Architecture = Literal["relu", "topk"]
+ARCHITECTURES: tuple[Architecture, ...] = ("relu", "topk")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape and activation of an SAE; everything needed to rebuild the module from weights."""
+
+    d_in: int
+    """Width of the residual stream the SAE reads."""
+    d_sae: int
+    """Number of features."""
+    architecture: Architecture = "relu"
+    """``relu`` (the paper's L1 SAE) or ``topk`` (Gao et al.)."""
+    k: int | None = None
+    """Active features per token, ``topk`` only."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture: must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be ≥ 1, got d_in={self.d_in} d_sae={self.d_sae}")
+        if self.architecture == "topk":
+            if self.k is None or not 1 <= self.k <= self.d_sae:
+                raise ValueError(f"k: topk needs 1 ≤ k ≤ d_sae={self.d_sae}, got {self.k}")
+        elif self.k is not None:
+            raise ValueError("k: only the topk architecture takes k")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder; see the module docstring for the formulas."""
+
+    def __init__(self, cfg: SAEConfig, *, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+
+    # ---- initialisation -------------------------------------------------------------------
+    def init_weights(self, generator: torch.Generator | None = None, dec_norm: float = 0.1) -> None:
+        """Decoder rows: random directions of norm ``dec_norm`` (relu) or 1 (topk); W_enc = W_decᵀ.
+
+        The April 2024 update initialises small decoder norms so the L1 term starts gentle; Gao et
+        al. keep unit norms throughout. Biases start at zero.
+        """
+        norm = 1.0 if self.cfg.architecture == "topk" else dec_norm
+        with torch.no_grad():
+            w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+            w = w / w.norm(dim=1, keepdim=True) * norm
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    # ---- forward --------------------------------------------------------------------------
+    def encode_pre(self, x: Tensor) -> Tensor:
+        """Pre-activations ``(N, d_sae)``; topk subtracts b_dec first (Gao et al.), relu does not."""
+        if self.cfg.architecture == "topk":
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Features from pre-activations ``(N, d_sae)``."""
+        if self.cfg.architecture == "relu":
+            return torch.relu(pre)
+        assert self.cfg.k is not None
+        top = pre.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Features ``(N, d_sae)`` of inputs ``(N, d_in)``."""
+        return self.activate(self.encode_pre(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Reconstruction ``(N, d_in)`` of features ``(N, d_sae)``."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x̂, f)`` for inputs ``x``."""
+        f = self.encode(x)
+        return self.decode(f), f
+
+    # ---- losses ---------------------------------------------------------------------------
+    def decoder_norms(self) -> Tensor:
+        """``‖W_dec,i‖₂`` for every feature, ``(d_sae,)``."""
+        return self.W_dec.norm(dim=1)
+
+    def sparsity_penalty(self, f: Tensor) -> Tensor:
+        """The paper's decoder-norm-weighted L1 per token, ``(N,)``: Σ_i f_i ‖W_dec,i‖₂."""
+        return f @ self.decoder_norms()
+
+    def aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK (Gao et al. §A.2): reconstruct the residual from the top ``k_aux`` dead features.
+
+        Gives dead features a gradient towards directions the live ones miss. Normalised by the
+        residual's own energy so its scale does not depend on how good the reconstruction is.
+        Returns a scalar (0 when nothing is dead).
+        """
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return x.new_zeros(())
+        k = min(k_aux, n_dead)
+        residual = (x - x_hat).detach()  # (N, d_in)
+        dead_pre = pre.masked_fill(~dead, float("-inf"))  # (N, d_sae)
+        top = dead_pre.topk(k, dim=-1)
+        f_aux = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+        e_hat = f_aux @ self.W_dec  # (N, d_in), no bias: it reconstructs an error
+        num = (residual - e_hat).pow(2).sum(-1).mean()
+        den = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return num / den
+
+    # ---- decoder-norm maintenance (topk) --------------------------------------------------
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the gradient component along each decoder row (keeps ‖W_dec,i‖ = 1)."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+        parallel = (self.W_dec.grad * w).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * w
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ---- export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, scale: float) -> SAE:
+        """Inference copy in model units with unit-norm decoder rows.
+
+        Trained on ``x_n = scale · x``. Folding ``scale`` into W_enc (and ``1/scale`` into the
+        decoder) lets the copy read raw activations; folding ``‖W_dec,i‖`` into the encoder makes
+        its features ``f_i · ‖W_dec,i‖``. Both are exact for ReLU (positively homogeneous); for
+        topk the norms are already 1, so the top-k choice is unchanged.
+        """
+        out = SAE(self.cfg, dtype=self.W_enc.dtype)
+        norms = self.decoder_norms().clamp_min(1e-12)  # (d_sae,)
+        out.W_enc.copy_(self.W_enc * scale * norms)
+        out.b_enc.copy_(self.b_enc * norms)
+        out.W_dec.copy_(self.W_dec / norms[:, None] / scale)
+        out.b_dec.copy_(self.b_dec / scale)
+        return out

@@ -41,7 +41,7 @@ serve: setup
 	$(VENV)/bin/saescope serve
 
 protos: setup
-	$(PY) -m saescope.service.protogen
+	$(PY) scripts/protogen.py
 
 bench: setup
 	$(PY) -m bench.run_all

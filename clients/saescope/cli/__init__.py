@@ -1,0 +1,1 @@
+"""The ``saescope`` command line (see ``saescope.cli.main``)."""

@@ -25,8 +25,10 @@ def generate(out: Path, root: Path = PROTO_ROOT) -> None:
     from grpc_tools import protoc
 
     bindir = Path(sys.executable).parent
-    plugins = {name: shutil.which(name, path=str(bindir)) or shutil.which(name) for name in
-               ("protoc-gen-mypy", "protoc-gen-mypy_grpc")}
+    plugins = {
+        name: shutil.which(name, path=str(bindir)) or shutil.which(name)
+        for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
+    }
     missing = [n for n, p in plugins.items() if p is None]
     if missing:
         raise SystemExit(f"protogen: {', '.join(missing)} not found; install the dev extra")

@@ -85,7 +85,9 @@ def _write_contents(
     weights = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     save_file(weights, str(out / WEIGHTS_FILE))
     if sparsity is not None:
-        save_file({"sparsity": sparsity.detach().float().cpu().contiguous()}, str(out / SPARSITY_FILE))
+        save_file(
+            {"sparsity": sparsity.detach().float().cpu().contiguous()}, str(out / SPARSITY_FILE)
+        )
     _write_json(out / CFG_FILE, sae_lens_cfg(sae.cfg, meta, dtype=sae.W_enc.dtype))
     if state_tensors or state_json:
         (out / STATE_DIR).mkdir()

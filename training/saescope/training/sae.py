@@ -47,7 +47,9 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture: must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            raise ValueError(
+                f"architecture: must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
         if self.d_in < 1 or self.d_sae < 1:
             raise ValueError(f"d_in and d_sae must be ≥ 1, got d_in={self.d_in} d_sae={self.d_sae}")
         if self.architecture == "topk":

@@ -161,7 +161,8 @@ def read_meta(path: Path) -> dict[str, Any]:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint: {path} has format_version {version!r}; this saescope reads {FORMAT_VERSION}"
+            f"checkpoint: {path} has format_version {version!r}; "
+            f"this saescope reads {FORMAT_VERSION}"
         )
     return meta
 

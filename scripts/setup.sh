@@ -19,12 +19,15 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
 fi
 "$venv/bin/python" -m pip install -q -e ".[dev]"
 
-# promtool (Debian's prometheus package) validates and unit-tests the alerting rules.
-if ! command -v promtool >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
-            >/dev/null) || echo "setup: could not install prometheus (promtool); k8s rule tests will fail" >&2
-    else
-        echo "setup: promtool not found; install Debian's 'prometheus' package for the k8s tests" >&2
+# Debian package lists: the default corpus is assembled from pinned Debian packages
+# (`apt-get download`, no install), and promtool (Debian's prometheus package) validates and
+# unit-tests the alerting rules.
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq || echo "setup: apt-get update failed; the corpus build may not find packages" >&2
+    if ! command -v promtool >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
+            || echo "setup: could not install prometheus (promtool); k8s rule tests will fail" >&2
     fi
+elif ! command -v promtool >/dev/null 2>&1; then
+    echo "setup: promtool not found; install Debian's 'prometheus' package for the k8s tests" >&2
 fi

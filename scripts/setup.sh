@@ -31,3 +31,9 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
 elif ! command -v promtool >/dev/null 2>&1; then
     echo "setup: promtool not found; install Debian's 'prometheus' package for the k8s tests" >&2
 fi
+
+# The Node.js client's dependencies, for its test against the running service.
+if command -v npm >/dev/null 2>&1; then
+    npm ci --silent --prefix clients/node >/dev/null 2>&1 \
+        || echo "setup: npm ci in clients/node failed; the Node client test will skip" >&2
+fi

@@ -1,0 +1,59 @@
+// A tour of the Node.js client: node example.js [host:port]
+// (default: SAESCOPE_TARGET or localhost:9000; SAESCOPE_API_KEY is sent when set).
+'use strict';
+
+const { SaeScopeClient, SaeScopeError, clamp, denseToArray } = require('./index');
+
+async function main() {
+  const client = new SaeScopeClient({ target: process.argv[2] });
+  try {
+    const info = await client.info();
+    console.log(`model: ${info.model} (${info.device}), SAEs: ${info.saes.map((s) => s.saeId).join(', ')}`);
+
+    const prompt = 'The quick brown fox jumps over the lazy dog';
+    const tok = await client.tokenize(prompt);
+    console.log(`tokens: ${tok.tokens.map((t) => JSON.stringify(t.text)).join(' ')}`);
+
+    const acts = await client.activations([prompt], { topK: 3, features: [3] });
+    const first = acts.prompts[0];
+    const values = denseToArray(first.featureValues);
+    first.tokens.forEach((t, i) => {
+      const top = first.tokenTopFeatures[i];
+      const pairs = top.features.map((f, j) => `${f}=${top.values[j].toFixed(2)}`).join(' ');
+      console.log(`  ${JSON.stringify(t.text)}: ${pairs} | f3=${values[i].toFixed(2)}`);
+    });
+
+    const gen = await client.generate(prompt, { interventions: [clamp(3, 6)], maxNewTokens: 8, baseline: true });
+    console.log(`steered: ${JSON.stringify(gen.steered.text)}`);
+    console.log(`baseline: ${JSON.stringify(gen.baseline.text)}`);
+
+    let streamed = '';
+    for await (const event of client.stream(prompt, { interventions: [clamp(3, 6)], maxNewTokens: 8 })) {
+      if (event.token) streamed += event.token.text;
+      if (event.done) console.log(`streamed: ${JSON.stringify(streamed)} (${event.done.steered.finishReason})`);
+    }
+
+    // Leaving the loop early cancels the call: the server stops decoding.
+    for await (const event of client.stream(prompt, { maxNewTokens: 200 })) {
+      if (event.token) break;
+    }
+
+    const feat = await client.feature(3, { topLogits: 3 });
+    console.log(`feature 3 promotes: ${feat.promoted.map((t) => JSON.stringify(t.token)).join(' ')}`);
+
+    try {
+      await client.activations([prompt], { saeId: 'no-such-sae' });
+    } catch (err) {
+      if (!(err instanceof SaeScopeError)) throw err;
+      console.log(`error: ${err.code}`);
+    }
+    console.log('OK');
+  } finally {
+    client.close();
+  }
+}
+
+main().catch((err) => {
+  console.error(`example: ${err.message}`);
+  process.exit(1);
+});

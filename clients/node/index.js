@@ -1,0 +1,220 @@
+// A small promise-based Node.js client for saescope, built at runtime from protos/ (no codegen).
+//
+//   const { SaeScopeClient, clamp } = require('./index');
+//   const client = new SaeScopeClient({ target: 'localhost:9000' });
+//   const info = await client.info();
+//   const acts = await client.activations(['The cat sat'], { topK: 3 });
+//   const gen = await client.generate('I think', { interventions: [clamp(12, 8)] });
+//   for await (const ev of client.stream('Once upon a time', { maxNewTokens: 20 })) { ... }
+//   client.close();
+//
+// Fields are camelCase (proto-loader's default), enums are their names ('AGGREGATION_MAX'),
+// int64 values are Numbers. Failed calls reject with a SaeScopeError carrying the gRPC status
+// name (e.g. 'NOT_FOUND') and the server's message.
+'use strict';
+
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'protos');
+const PROTO_FILE = 'saescope/api/v1/saescope.proto';
+const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));
+
+function loadService() {
+  const definition = protoLoader.loadSync(PROTO_FILE, {
+    includeDirs: [PROTO_ROOT],
+    longs: Number,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).saescope.api.v1.SaeScope;
+}
+
+/** A failed call: `code` is the gRPC status name, `details` the server's message. */
+class SaeScopeError extends Error {
+  constructor(code, details) {
+    super(`${code}: ${details}`);
+    this.name = 'SaeScopeError';
+    this.code = code;
+    this.details = details;
+  }
+
+  static from(err) {
+    return new SaeScopeError(STATUS_NAMES[err.code] || 'UNKNOWN', err.details || err.message);
+  }
+}
+
+/** A prompt: a string, or a chat as [{role, content}, ...]. */
+function toPrompt(prompt, addGenerationPrompt = false) {
+  if (typeof prompt === 'string') return { text: prompt };
+  if (Array.isArray(prompt)) return { chat: { messages: prompt, addGenerationPrompt } };
+  throw new TypeError('prompt: expected a string or an array of {role, content} messages');
+}
+
+const intervention = (mode) => (feature, value = 0, scope = 'all') => ({
+  feature,
+  mode: `MODE_${mode}`,
+  value,
+  scope: `SCOPE_${scope.toUpperCase()}`,
+});
+const clamp = intervention('CLAMP');
+const add = intervention('ADD');
+const multiply = intervention('MULTIPLY');
+const ablate = (feature, scope = 'all') => intervention('ABLATE')(feature, 0, scope);
+
+/** A DenseTensor's values (little-endian float32) as a Float32Array. */
+function denseToArray(tensor) {
+  const data = tensor && tensor.data ? tensor.data : Buffer.alloc(0);
+  const out = new Float32Array(data.length / 4);
+  for (let i = 0; i < out.length; i++) out[i] = data.readFloatLE(i * 4);
+  return out;
+}
+
+class SaeScopeClient {
+  /**
+   * @param {object} [options]
+   * @param {string} [options.target] host:port (default SAESCOPE_TARGET or localhost:9000)
+   * @param {string} [options.apiKey] sent as x-api-key (default SAESCOPE_API_KEY)
+   * @param {string} [options.application] Ray Serve application (default 'saescope')
+   * @param {number} [options.timeoutMs] default deadline per call (default 300 s)
+   * @param {boolean} [options.secure] TLS with the system roots
+   * @param {Buffer} [options.rootCerts] PEM roots (implies TLS)
+   */
+  constructor(options = {}) {
+    const target = options.target || process.env.SAESCOPE_TARGET || 'localhost:9000';
+    const secure = options.secure || Boolean(options.rootCerts);
+    const credentials = secure
+      ? grpc.credentials.createSsl(options.rootCerts || null)
+      : grpc.credentials.createInsecure();
+    const Service = loadService();
+    this.stub = new Service(target, credentials, {
+      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+    });
+    this.timeoutMs = options.timeoutMs || 300000;
+    this.metadata = new grpc.Metadata();
+    const application = options.application === undefined ? 'saescope' : options.application;
+    if (application) this.metadata.set('application', application);
+    const apiKey = options.apiKey || process.env.SAESCOPE_API_KEY;
+    if (apiKey) this.metadata.set('x-api-key', apiKey);
+  }
+
+  _options(timeoutMs) {
+    return { deadline: new Date(Date.now() + (timeoutMs || this.timeoutMs)) };
+  }
+
+  _unary(method, request, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, this.metadata, this._options(timeoutMs), (err, response) =>
+        err ? reject(SaeScopeError.from(err)) : resolve(response),
+      );
+    });
+  }
+
+  info({ timeoutMs } = {}) {
+    return this._unary('GetInfo', {}, timeoutMs);
+  }
+
+  tokenize(prompt, { timeoutMs } = {}) {
+    return this._unary('Tokenize', { prompt: toPrompt(prompt) }, timeoutMs);
+  }
+
+  /** Per-token top features; `features` adds their dense values (see denseToArray). */
+  activations(prompts, opts = {}) {
+    const list = typeof prompts === 'string' ? [prompts] : prompts;
+    const request = {
+      saeId: opts.saeId || '',
+      prompts: list.map((p) => toPrompt(p)),
+      topKPerToken: opts.topK === undefined ? 5 : opts.topK,
+      featureIds: opts.features || [],
+      topKAggregated: opts.topKAggregated === undefined ? 10 : opts.topKAggregated,
+      aggregation: `AGGREGATION_${(opts.aggregation || 'max').toUpperCase()}`,
+    };
+    return this._unary('GetFeatureActivations', request, opts.timeoutMs);
+  }
+
+  _generateRequest(prompt, opts) {
+    const sampling = {
+      maxNewTokens: opts.maxNewTokens || 0,
+      temperature: opts.temperature || 0,
+      topP: opts.topP || 0,
+      topK: opts.topK || 0,
+      stop: opts.stop || [],
+    };
+    if (opts.seed !== undefined) sampling.seed = opts.seed;
+    return {
+      saeId: opts.saeId || '',
+      prompt: toPrompt(prompt, true),
+      interventions: opts.interventions || [],
+      sampling,
+      includeBaseline: Boolean(opts.baseline),
+      includeLogprobs: Boolean(opts.logprobs),
+      includeTrace: Boolean(opts.trace),
+    };
+  }
+
+  generate(prompt, opts = {}) {
+    return this._unary('GenerateSteered', this._generateRequest(prompt, opts), opts.timeoutMs);
+  }
+
+  /**
+   * Streamed generation: yields {token: TokenEvent} per token, then {done: response}.
+   * Leaving the `for await` loop early cancels the call (the server stops decoding).
+   */
+  async *stream(prompt, opts = {}) {
+    const request = this._generateRequest(prompt, opts);
+    const call = this.stub.StreamGenerateSteered(request, this.metadata, this._options(opts.timeoutMs));
+    let finished = false;
+    try {
+      for await (const event of call) yield event;
+      finished = true;
+    } catch (err) {
+      finished = true;
+      throw err.code === undefined ? err : SaeScopeError.from(err);
+    } finally {
+      if (!finished) call.cancel();
+    }
+  }
+
+  contrast(positive, negative, opts = {}) {
+    const request = {
+      saeId: opts.saeId || '',
+      positive: positive.map((p) => toPrompt(p)),
+      negative: negative.map((p) => toPrompt(p)),
+      aggregation: `AGGREGATION_${(opts.aggregation || 'max').toUpperCase()}`,
+      topN: opts.topN || 10,
+      locationsPerHit: opts.locations || 0,
+    };
+    return this._unary('SearchFeaturesByContrast', request, opts.timeoutMs);
+  }
+
+  feature(feature, opts = {}) {
+    const request = {
+      saeId: opts.saeId || '',
+      feature,
+      topLogits: opts.topLogits || 10,
+      neighbours: opts.neighbours || 10,
+      includeDirection: Boolean(opts.direction),
+    };
+    return this._unary('GetFeature', request, opts.timeoutMs);
+  }
+
+  close() {
+    this.stub.close();
+  }
+}
+
+module.exports = {
+  SaeScopeClient,
+  SaeScopeError,
+  clamp,
+  add,
+  multiply,
+  ablate,
+  denseToArray,
+  toPrompt,
+  PROTO_ROOT,
+};

@@ -1,0 +1,152 @@
+"""What callers pass in: prompts (text or chats) and feature interventions for steering.
+
+A prompt is a ``str``, a ``Chat``, or a chat written as a list of ``{"role": ..., "content": ...}``
+dicts / ``ChatMessage`` objects. Interventions are built with the helpers::
+
+    clamp(1234, 8.0)                 # set feature 1234 to 8.0 at every position
+    add(77, 2.5, scope="generated")  # add 2.5 on generated tokens only
+    multiply(5, 0.5)                 # halve feature 5
+    ablate(42, scope="prompt")       # zero feature 42 over the prompt
+
+Steering keeps the SAE's error term: ``x' = x + dec(f') − dec(f)`` (see the API docs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeAlias, get_args
+
+from saescope.client.errors import InvalidArgument
+
+Aggregation: TypeAlias = Literal["max", "mean", "sum"]
+InterventionMode: TypeAlias = Literal["clamp", "add", "multiply", "ablate"]
+Scope: TypeAlias = Literal["all", "prompt", "generated"]
+
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+MODES: tuple[str, ...] = get_args(InterventionMode)
+SCOPES: tuple[str, ...] = get_args(Scope)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One message of a chat."""
+
+    role: str
+    """``"system"``, ``"user"`` or ``"assistant"`` (whatever the model's template knows)."""
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    """A chat, rendered by the service with the model's chat template."""
+
+    messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool | None = None
+    """Append the assistant header. ``None``: the call decides — on for ``generate``/``stream``
+    (the model should answer), off for ``tokenize``/``activations``/``contrast``."""
+
+    def __post_init__(self) -> None:
+        # accept dicts and lists too: Chat([{"role": "user", "content": "Hi"}])
+        messages = tuple(_message(m, i) for i, m in enumerate(self.messages))
+        object.__setattr__(self, "messages", messages)
+
+    @classmethod
+    def of(
+        cls,
+        messages: Sequence[ChatMessage | Mapping[str, str]],
+        add_generation_prompt: bool | None = None,
+    ) -> Chat:
+        """A chat from ``ChatMessage`` objects or ``{"role", "content"}`` dicts."""
+        return cls(tuple(messages), add_generation_prompt)  # type: ignore[arg-type]
+
+
+ChatLike: TypeAlias = Chat | Sequence[ChatMessage | Mapping[str, str]]
+PromptLike: TypeAlias = str | ChatLike
+"""A prompt: plain text, a ``Chat``, or a list of chat messages (dicts or ``ChatMessage``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Intervention:
+    """One edit of one feature during generation; build it with ``clamp``/``add``/``multiply``/
+    ``ablate``, or from a dict ``{"feature": 3, "mode": "clamp", "value": 5.0}``."""
+
+    feature: int
+    mode: InterventionMode
+    value: float = 0.0
+    """The clamp target, the amount added, or the factor; ignored by ``ablate``."""
+    scope: Scope = "all"
+    """``"all"`` positions, the ``"prompt"`` only, or the ``"generated"`` tokens only."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidArgument(
+                "INVALID_ARGUMENT", f"interventions.mode: {self.mode!r} is not one of {MODES}"
+            )
+        if self.scope not in SCOPES:
+            raise InvalidArgument(
+                "INVALID_ARGUMENT", f"interventions.scope: {self.scope!r} is not one of {SCOPES}"
+            )
+
+
+def clamp(feature: int, value: float, scope: Scope = "all") -> Intervention:
+    """Set ``feature`` to ``value`` (in model units, like the activations the service reports)."""
+    return Intervention(feature, "clamp", value, scope)
+
+
+def add(feature: int, value: float, scope: Scope = "all") -> Intervention:
+    """Add ``value`` to ``feature``."""
+    return Intervention(feature, "add", value, scope)
+
+
+def multiply(feature: int, factor: float, scope: Scope = "all") -> Intervention:
+    """Multiply ``feature`` by ``factor``."""
+    return Intervention(feature, "multiply", factor, scope)
+
+
+def ablate(feature: int, scope: Scope = "all") -> Intervention:
+    """Set ``feature`` to 0."""
+    return Intervention(feature, "ablate", 0.0, scope)
+
+
+InterventionLike: TypeAlias = Intervention | Mapping[str, object]
+
+
+def as_intervention(item: InterventionLike) -> Intervention:
+    """An ``Intervention`` from itself or a dict with its fields."""
+    if isinstance(item, Intervention):
+        return item
+    if isinstance(item, Mapping):
+        try:
+            return Intervention(**item)  # type: ignore[arg-type]
+        except TypeError as e:
+            raise InvalidArgument("INVALID_ARGUMENT", f"interventions: {e}") from None
+    raise InvalidArgument(
+        "INVALID_ARGUMENT", f"interventions: expected an Intervention or a dict, got {item!r}"
+    )
+
+
+def is_chat(value: object) -> bool:
+    """Whether ``value`` is one chat (rather than a list of prompts)."""
+    if isinstance(value, Chat):
+        return True
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+        return False
+    return all(isinstance(m, ChatMessage | Mapping) for m in value)
+
+
+def as_chat(value: ChatLike) -> Chat:
+    """A ``Chat`` from itself or a list of messages."""
+    return value if isinstance(value, Chat) else Chat.of(value)
+
+
+def _message(item: ChatMessage | Mapping[str, str], index: int) -> ChatMessage:
+    if isinstance(item, ChatMessage):
+        return item
+    try:
+        return ChatMessage(role=str(item["role"]), content=str(item["content"]))
+    except (KeyError, TypeError):
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            f"chat.messages[{index}]: expected {{'role': ..., 'content': ...}}, got {item!r}",
+        ) from None

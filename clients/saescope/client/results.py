@@ -1,0 +1,383 @@
+"""Typed results of every call: plain frozen dataclasses, free of protobuf.
+
+Feature values are in the paper's convention (``f_i · ‖W_dec,i‖``, unit-norm decoder directions,
+model units). Every result has ``to_dict()`` (JSON-ready); the array-shaped ones have
+``to_numpy()``, which imports numpy only when called (the bare install has no numpy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FinishReason: TypeAlias = Literal["length", "eos", "stop", "unspecified"]
+Branch: TypeAlias = Literal["steered", "baseline"]
+
+
+class _Result:
+    """Shared helpers of the result dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as nested dicts and lists (``json.dumps`` takes it as is)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("to_numpy() needs numpy: pip install numpy") from None
+    return numpy
+
+
+# ---- tokens and info ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Token(_Result):
+    """A token of a prompt or completion."""
+
+    id: int
+    text: str
+    """The token decoded on its own."""
+    start: int
+    """Character span ``[start, end)`` in the rendered prompt; -1 where unknown."""
+    end: int
+    special: bool = False
+    """BOS, EOS, chat-template markers and other special tokens."""
+
+
+@dataclass(frozen=True)
+class FeatureValue(_Result):
+    """A feature and its value (at a token, or aggregated over a prompt)."""
+
+    feature: int
+    value: float
+
+
+@dataclass(frozen=True)
+class SaeInfo(_Result):
+    """One SAE loaded by the service."""
+
+    sae_id: str
+    hookpoint: str
+    """Module whose output the SAE reads, e.g. ``model.layers.15``."""
+    layer: int
+    d_in: int
+    d_sae: int
+    """Number of features."""
+    architecture: str
+    """``"relu"`` or ``"topk"``."""
+    k: int
+    """Active features per token (topk only; 0 otherwise)."""
+    metrics: dict[str, float]
+    """Training and evaluation metrics (L0, FVU, dead fraction, ...)."""
+    tokens_seen: int
+    has_catalog: bool
+    """Whether ``feature()`` returns top activating examples."""
+
+
+@dataclass(frozen=True)
+class Limits(_Result):
+    """The service's limits; calls over them raise ``OutOfRange``."""
+
+    max_prompts: int
+    max_tokens_per_prompt: int
+    max_top_k: int
+    max_new_tokens: int
+    max_features: int
+    """Chosen features per activation call, and interventions per generation."""
+    max_contrast_prompts: int
+    """Prompts per side of a contrast search."""
+
+
+@dataclass(frozen=True)
+class Info(_Result):
+    """What the service has loaded (``Client.info()``)."""
+
+    model: str
+    dtype: str
+    device: str
+    num_layers: int
+    d_model: int
+    vocab_size: int
+    has_chat_template: bool
+    saes: list[SaeInfo]
+    default_sae_id: str
+    """The SAE a call uses when it names none."""
+    limits: Limits
+    version: str
+    """The server's saescope version."""
+
+    def sae(self, sae_id: str | None = None) -> SaeInfo:
+        """The SAE named ``sae_id`` (default: the service's default SAE)."""
+        wanted = sae_id or self.default_sae_id
+        for sae in self.saes:
+            if sae.sae_id == wanted:
+                return sae
+        raise KeyError(f"no SAE {wanted!r}; loaded: {[s.sae_id for s in self.saes]}")
+
+
+@dataclass(frozen=True)
+class Tokenization(_Result):
+    """A prompt as the model sees it (``Client.tokenize()``)."""
+
+    text: str
+    """The rendered prompt (chat template applied)."""
+    tokens: list[Token]
+
+    @property
+    def ids(self) -> list[int]:
+        """The vocabulary ids, in order."""
+        return [t.id for t in self.tokens]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __iter__(self) -> Iterator[Token]:
+        return iter(self.tokens)
+
+
+# ---- activations --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenActivations(_Result):
+    """One token of a prompt with what the SAE read there."""
+
+    token: Token
+    top_features: list[FeatureValue]
+    """The token's strongest features, strongest first (``top_k`` of them)."""
+    feature_values: list[float]
+    """The chosen ``features``' values at this token, in request order."""
+    error_norm: float
+    """‖x − x̂‖: how much of the residual stream the SAE misses here."""
+    residual_norm: float
+    """‖x‖, to put ``error_norm`` in proportion."""
+
+    @property
+    def text(self) -> str:
+        return self.token.text
+
+    @property
+    def relative_error(self) -> float:
+        """``error_norm / residual_norm`` (0 for a zero residual)."""
+        return self.error_norm / self.residual_norm if self.residual_norm else 0.0
+
+
+@dataclass(frozen=True)
+class PromptActivations(_Result):
+    """One prompt's activations: its tokens, each with its top features, plus aggregates."""
+
+    tokens: list[TokenActivations]
+    feature_ids: list[int]
+    """The chosen features (the ``features=`` argument), columns of ``feature_values``."""
+    top_features: list[FeatureValue]
+    """The prompt's strongest features aggregated over tokens, strongest first."""
+
+    @property
+    def feature_values(self) -> list[list[float]]:
+        """The chosen features' values, one row per token: shape (tokens, len(feature_ids))."""
+        return [t.feature_values for t in self.tokens]
+
+    def values_of(self, feature: int) -> list[float]:
+        """One chosen feature's value at every token."""
+        try:
+            column = self.feature_ids.index(feature)
+        except ValueError:
+            raise KeyError(f"feature {feature} was not requested: {self.feature_ids}") from None
+        return [t.feature_values[column] for t in self.tokens]
+
+    @property
+    def error_norms(self) -> list[float]:
+        return [t.error_norm for t in self.tokens]
+
+    @property
+    def residual_norms(self) -> list[float]:
+        return [t.residual_norm for t in self.tokens]
+
+    def to_numpy(self) -> np.ndarray:
+        """``feature_values`` as a float32 array of shape (tokens, len(feature_ids))."""
+        np_ = _numpy()
+        array = np_.asarray(self.feature_values, dtype=np_.float32)
+        return array.reshape(len(self.tokens), len(self.feature_ids))  # type: ignore[no-any-return]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __iter__(self) -> Iterator[TokenActivations]:
+        return iter(self.tokens)
+
+
+@dataclass(frozen=True)
+class Activations(_Result):
+    """``Client.activations()``: one ``PromptActivations`` per prompt, in request order."""
+
+    sae_id: str
+    prompts: list[PromptActivations]
+
+    def __getitem__(self, index: int) -> PromptActivations:
+        return self.prompts[index]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[PromptActivations]:
+        return iter(self.prompts)
+
+
+# ---- generation ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureTrace(_Result):
+    """A steered feature's values over prompt then generated positions."""
+
+    feature: int
+    original: list[float]
+    """What the SAE read (before the edit)."""
+    steered: list[float]
+    """What the residual stream carried (after the edit)."""
+
+
+@dataclass(frozen=True)
+class Completion(_Result):
+    """The text one branch (steered or baseline) generated."""
+
+    text: str
+    """Generated text, stop string removed."""
+    tokens: list[Token]
+    logprobs: list[float]
+    """log p(token), one per token, when ``logprobs=True``."""
+    finish_reason: FinishReason
+    trace: list[FeatureTrace]
+    """Per steered feature, when ``trace=True``."""
+
+
+@dataclass(frozen=True)
+class GenerationResult(_Result):
+    """``Client.generate()``, and the last item of ``Client.stream()``."""
+
+    sae_id: str
+    prompt_tokens: list[Token]
+    steered: Completion
+    baseline: Completion | None
+    """The unsteered completion with the same seed, when ``baseline=True``."""
+
+    @property
+    def text(self) -> str:
+        """The steered completion's text."""
+        return self.steered.text
+
+
+@dataclass(frozen=True)
+class TokenEvent(_Result):
+    """One streamed token of one branch."""
+
+    branch: Branch
+    index: int
+    """Position of this token among the branch's generated tokens."""
+    token: Token
+    text: str
+    """Text this token adds to the completion (may be empty mid-character)."""
+    logprob: float | None
+    trace: list[float]
+    """The steered features' values here after the edit, in interventions order."""
+
+
+# ---- contrast search ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureLocation(_Result):
+    """A place where a feature fired."""
+
+    positive: bool
+    """True: in the positive set."""
+    prompt_index: int
+    token_index: int
+    token: str
+    value: float
+
+
+@dataclass(frozen=True)
+class ContrastHit(_Result):
+    """A feature that fires differently on the two prompt sets, with its statistics."""
+
+    feature: int
+    mean_positive: float
+    mean_negative: float
+    mean_difference: float
+    effect_size: float
+    """Hedges' g (pooled SD, small-sample corrected)."""
+    auroc: float
+    """P(a positive prompt's aggregate > a negative one's), ties counting half."""
+    p_value: float
+    """Two-sided Mann–Whitney U test."""
+    p_value_corrected: float
+    """Benjamini–Hochberg over every feature tested."""
+    frac_active_positive: float
+    frac_active_negative: float
+    locations: list[FeatureLocation]
+
+
+@dataclass(frozen=True)
+class ContrastResult(_Result):
+    """``Client.contrast()``: features ranked both ways by effect size."""
+
+    sae_id: str
+    positive_hits: list[ContrastHit]
+    """More active with the concept, strongest first."""
+    negative_hits: list[ContrastHit]
+    """More active without it, strongest first."""
+    features_tested: int
+
+
+# ---- one feature --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenScore(_Result):
+    """An output token and its direct-logit-attribution score."""
+
+    id: int
+    token: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Neighbour(_Result):
+    """A nearby feature by decoder cosine."""
+
+    feature: int
+    cosine: float
+
+
+@dataclass(frozen=True)
+class ActivatingExample(_Result):
+    """A text where the feature fires strongly, with its value at each token."""
+
+    tokens: list[Token]
+    values: list[float]
+    max_value: float
+
+
+@dataclass(frozen=True)
+class Feature(_Result):
+    """``Client.feature()``: one feature of one SAE."""
+
+    sae_id: str
+    feature: int
+    decoder_norm: float
+    encoder_norm: float
+    encoder_bias: float
+    density: float | None
+    """Fraction of training tokens on which it fired; None when unknown."""
+    promoted: list[TokenScore]
+    """Output tokens its decoder direction promotes, strongest first."""
+    suppressed: list[TokenScore]
+    nearest: list[Neighbour]
+    top_examples: list[ActivatingExample]
+    direction: list[float] | None
+    """The unit decoder direction (d_in floats), when ``direction=True``."""
+
+    def to_numpy(self) -> np.ndarray:
+        """``direction`` as a float32 array of shape (d_in,)."""
+        if self.direction is None:
+            raise ValueError("no direction: call feature(..., direction=True)")
+        return _numpy().asarray(self.direction, dtype="float32")  # type: ignore[no-any-return]

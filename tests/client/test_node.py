@@ -1,0 +1,57 @@
+"""The Node.js client (``clients/node``) against the real service: ``node example.js`` runs
+every kind of call (info, tokenize, activations, generate, stream, feature, an error).
+
+Skipped, saying why, where ``node`` is not installed or ``npm install`` has not run there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from saescope.client import Client
+from tests.support.serve import ServeInstance
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    exe = shutil.which("node")
+    if exe is None:
+        pytest.skip("node is not installed: the Node.js client cannot be tested here")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip(
+            f"the Node.js client's dependencies are missing: run `npm install` in {NODE_DIR}"
+        )
+    return exe
+
+
+def test_node_example_runs_against_the_service(
+    node: str, serve_instance: ServeInstance, client: Client
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("SAESCOPE_API_KEY", "SAESCOPE_TARGET")}
+    proc = subprocess.run(
+        [node, "example.js", serve_instance.grpc_target],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    info = client.info()
+    assert f"model: {info.model}" in out
+    assert all(s.sae_id in out for s in info.saes)
+    assert "error: NOT_FOUND" in out and out.rstrip().endswith("OK")
+    expected = client.generate(
+        "The quick brown fox jumps over the lazy dog",
+        interventions=[{"feature": 3, "mode": "clamp", "value": 6.0}],
+        max_new_tokens=8,
+    )
+    assert f'steered: "{expected.text}"' in out or f"steered: {expected.text!r}" in out

@@ -167,15 +167,18 @@ class SAE(nn.Module):
     def export(self, scale: float) -> SAE:
         """Inference copy in model units with unit-norm decoder rows.
 
-        Trained on ``x_n = scale · x``. Folding ``scale`` into W_enc (and ``1/scale`` into the
-        decoder) lets the copy read raw activations; folding ``‖W_dec,i‖`` into the encoder makes
-        its features ``f_i · ‖W_dec,i‖``. Both are exact for ReLU (positively homogeneous); for
-        topk the norms are already 1, so the top-k choice is unchanged.
+        Trained on ``x_n = scale · x`` with features ``f`` and decoder rows of norm ``n_i``.
+        In model units ``x̂ = Σ_i (f_i · n_i / scale) · u_i + b_dec / scale`` with unit rows
+        ``u_i = W_dec,i / n_i``, so the exported feature is ``g_i = f_i · n_i / scale`` — the
+        paper's ``f_i · ‖W_dec,i‖``, measured in the model's own units. Folding ``n_i / scale``
+        into the encoder is exact for ReLU (positively homogeneous); for topk every ``n_i`` is 1
+        and ``1/scale`` is shared, so the top-k choice is unchanged.
         """
         out = SAE(self.cfg, dtype=self.W_enc.dtype)
         norms = self.decoder_norms().clamp_min(1e-12)  # (d_sae,)
-        out.W_enc.copy_(self.W_enc * scale * norms)
-        out.b_enc.copy_(self.b_enc * norms)
-        out.W_dec.copy_(self.W_dec / norms[:, None] / scale)
+        # pre' = x · (W_enc · n)  =  (scale·x) · W_enc · n / scale
+        out.W_enc.copy_(self.W_enc * norms)
+        out.b_enc.copy_(self.b_enc * norms / scale)
+        out.W_dec.copy_(self.W_dec / norms[:, None])
         out.b_dec.copy_(self.b_dec / scale)
         return out

@@ -1,0 +1,156 @@
+"""The engine's read path: residual streams at SAE hookpoints, their features and summaries.
+
+``forward_residuals`` runs one right-padded forward over many prompts (of many requests), which
+stops after the deepest hooked block (``models.run_to_hookpoints``): later blocks, the final norm
+and the unembedding never run. Right padding keeps every real token's computation the same as an
+unpadded run (causal attention never looks right), so no position ids are needed. Batches are
+cut at ``max_batch_tokens`` padded tokens to bound memory.
+
+``prompt_activations`` encodes one prompt's residuals, ``f = sae.encode(x)`` on exactly the
+hooked tensor, and builds the per-token top features, chosen features (dense), the aggregated
+top features and the per-token error norms ‖x − x̂‖ and residual norms ‖x‖. Features are
+encoded one prompt at a time so memory stays at ``T × d_sae``. Sparse lists hold active
+(> 0) features only, strongest first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saescope.service.errors import InvalidArgument, OutOfRange
+from saescope.service.prompts import Encoded
+from saescope.service.runtime import LoadedSae, ModelRuntime
+from saescope.service.types import (
+    ActivationsRequest,
+    Aggregation,
+    Limits,
+    PromptActivations,
+    Sparse,
+)
+from saescope.training import models
+from saescope.training.sae import SAE
+
+AGGREGATIONS: tuple[Aggregation, ...] = ("max", "mean", "sum")
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+def validate_request(ls: LoadedSae, req: ActivationsRequest, limits: Limits) -> None:
+    """Everything but the prompts themselves (``prompts.encode_many`` checks those)."""
+    for name in ("top_k_per_token", "top_k_aggregated"):
+        k = getattr(req, name)
+        if k < 0:
+            raise InvalidArgument(name, f"must be ≥ 0, got {k}")
+        if k > limits.max_top_k:
+            raise OutOfRange(name, k, limits.max_top_k)
+    if req.aggregation not in AGGREGATIONS:
+        raise InvalidArgument("aggregation", f"must be one of {AGGREGATIONS}")
+    if len(req.feature_ids) > limits.max_features:
+        raise OutOfRange("feature_ids", len(req.feature_ids), limits.max_features, "features")
+    for i, f in enumerate(req.feature_ids):
+        ls.check_feature(f, f"feature_ids[{i}]")
+
+
+# ---- the forward pass ----------------------------------------------------------------------------
+def forward_residuals(
+    rt: ModelRuntime,
+    ids_list: list[list[int]],
+    hookpoints: list[str],
+    *,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> list[dict[str, Tensor]]:
+    """Per prompt, ``{hookpoint: (T_i, d_in)}``: one padded forward per chunk of prompts."""
+    out: list[dict[str, Tensor]] = [{} for _ in ids_list]
+    if not ids_list or not hookpoints:
+        return out
+    pad_id = rt.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    for chunk in _chunks(ids_list, max_batch_tokens):
+        lengths = [len(ids_list[i]) for i in chunk]
+        t_max = max(lengths)
+        ids = torch.full((len(chunk), t_max), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), t_max), dtype=torch.long)
+        for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
+            ids[row, :n] = torch.tensor(ids_list[i])
+            mask[row, :n] = 1
+        # Without padding, no mask: the same kernels as a plain forward, bit for bit.
+        attn = mask.to(rt.device) if min(lengths) < t_max else None
+        with rt.lock, torch.inference_mode():
+            resid = models.run_to_hookpoints(rt.model, ids.to(rt.device), attn, hookpoints)
+        for row, (i, n) in enumerate(zip(chunk, lengths, strict=True)):
+            out[i] = {hp: resid[hp][row, :n] for hp in hookpoints}  # (T_i, d_in)
+    return out
+
+
+def _chunks(ids_list: list[list[int]], max_batch_tokens: int) -> list[list[int]]:
+    """Prompt indices grouped longest first, each group ≤ max_batch_tokens once padded."""
+    order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
+    chunks: list[list[int]] = []
+    for i in order:
+        # Sorted longest first, so a chunk's padded size is its first prompt's length × count.
+        if chunks and len(ids_list[chunks[-1][0]]) * (len(chunks[-1]) + 1) <= max_batch_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+# ---- features and their summaries ---------------------------------------------------------------
+@torch.inference_mode()
+def encode(sae: SAE, x: Tensor) -> Tensor:
+    """Features ``(T, d_sae)`` of residuals ``(T, d_in)``."""
+    return sae.encode(x)
+
+
+def aggregate(f: Tensor, include: Tensor, how: Aggregation) -> Tensor:
+    """Per-feature aggregate ``(d_sae,)`` over the tokens ``include (T,)`` selects; 0 if none."""
+    if not bool(include.any()):
+        return f.new_zeros(f.shape[-1])
+    sel = f[include]  # (T', d_sae)
+    if how == "max":
+        return sel.max(dim=0).values
+    if how == "mean":
+        return sel.mean(dim=0)
+    return sel.sum(dim=0)
+
+
+def top_active(values: Tensor, k: int) -> Sparse:
+    """The ``k`` largest entries of ``values`` (d,) that are > 0, strongest first."""
+    if k <= 0:
+        return Sparse([], [])
+    top = values.float().topk(min(k, values.shape[-1]))
+    keep = top.values > 0
+    return Sparse(top.indices[keep].tolist(), top.values[keep].tolist())
+
+
+@torch.inference_mode()
+def prompt_activations(
+    ls: LoadedSae, x: Tensor, enc: Encoded, req: ActivationsRequest
+) -> PromptActivations:
+    """Everything GetFeatureActivations returns for one prompt with residuals ``x`` (T, d_in)."""
+    f = ls.sae.encode(x)  # (T, d_sae)
+    x_hat = ls.sae.decode(f)  # (T, d_in)
+    token_top: list[Sparse] = []
+    if req.top_k_per_token > 0:
+        top = f.float().topk(min(req.top_k_per_token, ls.d_sae), dim=-1)  # (T, k)
+        for vals, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            n = sum(v > 0 for v in vals)  # sorted descending: the active ones come first
+            token_top.append(Sparse(idx[:n], vals[:n]))
+    if req.feature_ids:
+        chosen = f[:, torch.tensor(req.feature_ids, device=f.device)]  # (T, F)
+        dense = chosen.float().cpu().numpy().astype(np.float32)
+    else:
+        dense = np.zeros((f.shape[0], 0), dtype=np.float32)
+    include = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
+    if not req.include_special_tokens:
+        include = ~torch.tensor(enc.special_mask(), dtype=torch.bool, device=f.device)
+    aggregated = aggregate(f, include, req.aggregation)  # (d_sae,)
+    return PromptActivations(
+        tokens=enc.tokens,
+        token_top_features=token_top,
+        feature_values=dense,
+        top_features=top_active(aggregated, req.top_k_aggregated),
+        error_norms=(x.float() - x_hat.float()).norm(dim=-1).tolist(),
+        residual_norms=x.float().norm(dim=-1).tolist(),
+    )

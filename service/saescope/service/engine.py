@@ -1,0 +1,257 @@
+"""The engine: a language model, its SAEs, and every RPC's work, in plain Python + torch.
+
+``Engine`` is what the Ray Serve app calls, one method per RPC, on domain types (``types.py``).
+It validates (raising ``errors.*`` that name the field), then delegates: ``prompts`` (rendering
+and tokenisation), ``activations`` (forward + encode), ``contrast`` (statistics), ``features``
+(GetFeature), ``steering`` + ``sampling`` + ``generation`` (steered decoding through the shared
+``DecodeBatcher``). Model forwards take the runtime's FIFO lock; everything runs under
+``torch.inference_mode()``.
+
+Generation from asyncio (what the app does; ``generate``/``generate_stream`` are the blocking
+forms of the same path)::
+
+    handle = engine.submit_generate(req)     # validates now: raises SaescopeError
+    try:
+        async for item in handle:            # TokenEvent ..., then the GenerateResult
+            ...
+    finally:
+        handle.cancel_unless_done()          # the client left: its rows leave the batch
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
+from pathlib import Path
+
+from saescope.service import activations, contrast, features, prompts
+from saescope.service.errors import SaescopeError
+from saescope.service.generation import DecodeBatcher, GenerationPlan
+from saescope.service.runtime import DTYPES, ModelRuntime, load_saes
+from saescope.service.sampling import plan_sampling
+from saescope.service.steering import RowEdits, distinct_features, validate_interventions
+from saescope.service.streams import GenerationHandle
+from saescope.service.types import (
+    ActivationsRequest,
+    ActivationsResult,
+    Branch,
+    ContrastRequest,
+    ContrastResult,
+    FeatureRequest,
+    FeatureResult,
+    GenerateRequest,
+    GenerateResult,
+    Info,
+    Limits,
+    Prompt,
+    TokenEvent,
+    Tokenized,
+)
+from saescope.training import models
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("saescope")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Engine:
+    """A model and its SAEs, serving every RPC; see the module docstring."""
+
+    def __init__(
+        self,
+        model: str,
+        saes: dict[str, str | Path],
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        limits: Limits = Limits(),  # noqa: B008 (frozen dataclass: a safe default)
+        default_sae_id: str | None = None,
+        cache_dir: str | Path | None = None,
+        max_batch_rows: int = 32,
+        max_pending_generations: int = 256,
+        max_batch_tokens: int = activations.DEFAULT_MAX_BATCH_TOKENS,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+        lm, tokenizer = models.load_model(
+            model,
+            device=device,
+            dtype=DTYPES[dtype],
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        )
+        device_ = next(lm.parameters()).device
+        loaded = load_saes(lm, saes, device=device_, dtype=DTYPES[dtype])
+        if default_sae_id is None:
+            default_sae_id = next(iter(loaded), "")
+        elif default_sae_id not in loaded:
+            raise ValueError(f"default_sae_id: {default_sae_id!r} is not among the SAEs loaded")
+        self.rt = ModelRuntime(
+            model=lm,
+            tokenizer=tokenizer,
+            model_name=models.DEFAULT_MODEL_NAME if model == models.DEFAULT_MODEL else model,
+            device=device_,
+            dtype=DTYPES[dtype],
+            saes=loaded,
+            default_sae_id=default_sae_id,
+        )
+        self.limits = limits
+        self.max_batch_tokens = max_batch_tokens
+        self.batcher = DecodeBatcher(
+            self.rt, max_rows=max_batch_rows, max_pending=max_pending_generations
+        )
+
+    def close(self) -> None:
+        """Stop the decode thread (unfinished generations end with an error)."""
+        self.batcher.close()
+
+    # ---- GetInfo / Tokenize ----------------------------------------------------------------------
+    def info(self) -> Info:
+        cfg = self.rt.model.config
+        return Info(
+            model=self.rt.model_name,
+            dtype=str(self.rt.dtype).removeprefix("torch."),
+            device=str(self.rt.device),
+            num_layers=int(cfg.num_hidden_layers),
+            d_model=int(cfg.hidden_size),
+            vocab_size=int(cfg.vocab_size),
+            has_chat_template=bool(getattr(self.rt.tokenizer, "chat_template", None)),
+            saes=[ls.info() for ls in self.rt.saes.values()],
+            default_sae_id=self.rt.default_sae_id,
+            limits=self.limits,
+            version=_version(),
+        )
+
+    def tokenize(self, prompt: Prompt) -> Tokenized:
+        enc = prompts.encode(
+            self.rt, prompt, "prompt", max_tokens=self.limits.max_tokens_per_prompt
+        )
+        return enc.tokenized
+
+    # ---- GetFeatureActivations -------------------------------------------------------------------
+    def activations(self, req: ActivationsRequest) -> ActivationsResult:
+        result = self.activations_many([req])[0]
+        if isinstance(result, SaescopeError):
+            raise result
+        return result
+
+    def activations_many(
+        self, reqs: list[ActivationsRequest]
+    ) -> list[ActivationsResult | SaescopeError]:
+        """Many requests, one padded forward over all their prompts (for ``@serve.batch``).
+
+        A request's mistake comes back in its place as the error; the others still run.
+        """
+        out: list[ActivationsResult | SaescopeError] = []
+        jobs = []  # (request index, sae, encoded prompts)
+        for i, req in enumerate(reqs):
+            try:
+                ls = self.rt.get_sae(req.sae_id)
+                activations.validate_request(ls, req, self.limits)
+                encoded = prompts.encode_many(
+                    self.rt,
+                    req.prompts,
+                    "prompts",
+                    max_prompts=self.limits.max_prompts,
+                    max_tokens=self.limits.max_tokens_per_prompt,
+                )
+            except SaescopeError as e:
+                out.append(e)
+                continue
+            out.append(ActivationsResult(sae_id=ls.sae_id, prompts=[]))  # filled in below
+            jobs.append((i, ls, encoded))
+        flat = [enc for _, _, encoded in jobs for enc in encoded]
+        hookpoints = sorted({ls.hookpoint for _, ls, _ in jobs})
+        residuals = activations.forward_residuals(
+            self.rt, [e.ids for e in flat], hookpoints, max_batch_tokens=self.max_batch_tokens
+        )
+        k = 0
+        for i, ls, encoded in jobs:
+            out[i] = ActivationsResult(
+                sae_id=ls.sae_id,
+                prompts=[
+                    activations.prompt_activations(ls, residuals[k + j][ls.hookpoint], enc, reqs[i])
+                    for j, enc in enumerate(encoded)
+                ],
+            )
+            k += len(encoded)
+        return out
+
+    # ---- SearchFeaturesByContrast ----------------------------------------------------------------
+    def contrast(self, req: ContrastRequest) -> ContrastResult:
+        ls = self.rt.get_sae(req.sae_id)
+        top_n, per_hit = contrast.validate_request(req, self.limits)
+        max_tokens = self.limits.max_tokens_per_prompt
+        encoded = [
+            prompts.encode(self.rt, p, f"{name}[{i}]", max_tokens=max_tokens)
+            for name, side in (("positive", req.positive), ("negative", req.negative))
+            for i, p in enumerate(side)
+        ]
+        residuals = activations.forward_residuals(
+            self.rt,
+            [e.ids for e in encoded],
+            [ls.hookpoint],
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        resid = [r[ls.hookpoint] for r in residuals]
+        return contrast.search(ls, resid, encoded, len(req.positive), req, top_n, per_hit)
+
+    # ---- GetFeature ------------------------------------------------------------------------------
+    def feature(self, req: FeatureRequest) -> FeatureResult:
+        ls = self.rt.get_sae(req.sae_id)
+        top_logits, neighbours = features.validate_request(ls, req, self.limits)
+        return features.feature_info(self.rt, ls, req, top_logits, neighbours)
+
+    # ---- GenerateSteered -------------------------------------------------------------------------
+    def plan_generation(self, req: GenerateRequest) -> GenerationPlan:
+        """Validate ``req`` completely and resolve it into what the batcher runs."""
+        ls = self.rt.get_sae(req.sae_id)
+        enc = prompts.encode(
+            self.rt, req.prompt, "prompt", max_tokens=self.limits.max_tokens_per_prompt
+        )
+        validate_interventions(ls, list(req.interventions), self.limits)
+        sampling = plan_sampling(
+            req.sampling,
+            self.limits,
+            prompt_len=len(enc.ids),
+            max_positions=self.rt.max_positions,
+        )
+        traced = distinct_features(list(req.interventions))
+        branches: list[tuple[Branch, RowEdits]] = [
+            ("steered", RowEdits(traced, list(req.interventions)))
+        ]
+        if req.include_baseline:
+            # The baseline reads the same features (for its trace) but edits none.
+            branches.append(("baseline", RowEdits(traced if req.include_trace else [])))
+        return GenerationPlan(
+            sae=ls,
+            prompt=enc,
+            sampling=sampling,
+            branches=tuple(branches),
+            include_logprobs=req.include_logprobs,
+            include_trace=req.include_trace,
+            trace_features=tuple(traced),
+        )
+
+    def validate_generate(self, req: GenerateRequest) -> None:
+        """Raise the request's error now, before a stream starts."""
+        self.plan_generation(req)
+
+    def submit_generate(
+        self, req: GenerateRequest, request_id: str | None = None
+    ) -> GenerationHandle:
+        """Validate and queue ``req`` on the decode batcher; iterate the handle for its events."""
+        plan = self.plan_generation(req)
+        self.batcher.start()
+        return self.batcher.submit(plan, request_id)
+
+    def generate(self, req: GenerateRequest) -> GenerateResult:
+        """Blocking: the whole result (through the batcher, like every generation)."""
+        return self.submit_generate(req).result()
+
+    def generate_stream(self, req: GenerateRequest) -> Iterator[TokenEvent | GenerateResult]:
+        """TokenEvents as tokens are decided, then the GenerateResult. Closing it cancels."""
+        handle = self.submit_generate(req)
+        return iter(handle)

@@ -1,0 +1,202 @@
+"""What the engine holds: the language model, its tokenizer, the loaded SAEs, and the lock that
+serialises forward passes.
+
+Every model forward (activations, contrast, each decode step of the batcher) takes ``lock``, a
+FIFO lock: the decode thread re-acquires it every step, and a plain ``threading.Lock`` would let
+it starve a waiting activations call. Batching, not concurrency, is how work shares the device.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saescope.service.errors import InvalidArgument, NotFound
+from saescope.service.types import SaeInfo
+from saescope.training import checkpoint, models
+from saescope.training.sae import SAE
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class FairLock:
+    """A non-reentrant lock granted in arrival order (ticket lock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self) -> FairLock:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+@dataclass
+class LoadedSae:
+    """An SAE ready to serve: on the model's device and dtype, with its metadata."""
+
+    sae_id: str
+    sae: SAE
+    hookpoint: str
+    layer: int
+    meta: dict[str, Any]
+    log_density: Tensor | None  # (d_sae,) log10 feature density from training, on CPU
+    _unit_dec: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def d_sae(self) -> int:
+        return self.sae.cfg.d_sae
+
+    def unit_decoder(self) -> Tensor:
+        """Unit-norm decoder rows ``(d_sae, d_in)`` (export makes them unit already; be safe)."""
+        if self._unit_dec is None:
+            w = self.sae.W_dec.float()
+            self._unit_dec = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return self._unit_dec
+
+    def info(self) -> SaeInfo:
+        cfg = self.sae.cfg
+        metrics = self.meta.get("metrics") or {}
+        tokens = self.meta.get("tokens_seen", self.meta.get("tokens", 0))
+        return SaeInfo(
+            sae_id=self.sae_id,
+            hookpoint=self.hookpoint,
+            layer=self.layer,
+            d_in=cfg.d_in,
+            d_sae=cfg.d_sae,
+            architecture=cfg.architecture,
+            k=cfg.k or 0,
+            metrics={
+                str(k): float(v)
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            },
+            tokens_seen=int(tokens or 0),
+            has_catalog=False,
+        )
+
+    def check_feature(self, feature: int, field: str) -> None:
+        """InvalidArgument for a negative feature, NotFound for one past ``d_sae``."""
+        if feature < 0:
+            raise InvalidArgument(field, f"feature {feature} is negative")
+        if feature >= self.d_sae:
+            raise NotFound(
+                f"{field}: feature {feature} does not exist in SAE {self.sae_id!r} "
+                f"(d_sae = {self.d_sae})"
+            )
+
+
+@dataclass
+class ModelRuntime:
+    """The model, its tokenizer and SAEs, and facts about them the engine's modules share."""
+
+    model: Any  # a transformers causal LM, eval mode, no grad
+    tokenizer: Any  # a fast tokenizer
+    model_name: str
+    device: torch.device
+    dtype: torch.dtype
+    saes: dict[str, LoadedSae]
+    default_sae_id: str
+    lock: FairLock = field(default_factory=FairLock)
+    _token_text: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(int(i) for i in self.tokenizer.all_special_ids)
+
+    @cached_property
+    def eos_ids(self) -> frozenset[int]:
+        """End-of-sequence ids: the generation config's (one or a list) and the tokenizer's."""
+        ids: set[int] = set()
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30) or 1 << 30)
+
+    def token_text(self, token_id: int) -> str:
+        """A token decoded on its own (memoised: the same ids recur in every response)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    def get_sae(self, sae_id: str) -> LoadedSae:
+        """The SAE named ``sae_id`` (empty: the default), or NotFound."""
+        key = sae_id or self.default_sae_id
+        if key not in self.saes:
+            known = ", ".join(sorted(self.saes)) or "none"
+            raise NotFound(f"sae_id: no SAE {key!r} is loaded (loaded: {known})")
+        return self.saes[key]
+
+
+def load_saes(
+    model: Any, paths: dict[str, str | Path], *, device: torch.device, dtype: torch.dtype
+) -> dict[str, LoadedSae]:
+    """Load every SAE checkpoint, checking it fits the model; errors name the sae_id."""
+    d_model = int(model.config.hidden_size)
+    out: dict[str, LoadedSae] = {}
+    for sae_id, path in paths.items():
+        if not sae_id:
+            raise ValueError("saes: an sae_id must not be empty")
+        try:
+            sae, meta = checkpoint.load_sae(Path(path), device=device, dtype=dtype)
+        except checkpoint.CheckpointError as e:
+            raise ValueError(f"saes[{sae_id!r}]: {e}") from e
+        if sae.cfg.d_in != d_model:
+            raise ValueError(
+                f"saes[{sae_id!r}]: d_in = {sae.cfg.d_in} does not match the model's "
+                f"hidden size {d_model}"
+            )
+        try:
+            hookpoint = models.resolve_hookpoint(model, meta["hookpoint"])
+        except ValueError as e:
+            raise ValueError(f"saes[{sae_id!r}]: {e}") from e
+        out[sae_id] = LoadedSae(
+            sae_id=sae_id,
+            sae=sae,
+            hookpoint=hookpoint,
+            layer=models.layer_index(model, hookpoint),
+            meta=meta,
+            log_density=_load_log_density(Path(path), sae.cfg.d_sae),
+        )
+    return out
+
+
+def _load_log_density(path: Path, d_sae: int) -> Tensor | None:
+    """``sparsity.safetensors`` (log10 densities, SAELens's convention) when present and sane."""
+    f = path / checkpoint.SPARSITY_FILE
+    if not f.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    sparsity = load_file(str(f)).get("sparsity")
+    if sparsity is None or tuple(sparsity.shape) != (d_sae,):
+        return None
+    return sparsity.float().cpu()

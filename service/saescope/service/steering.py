@@ -1,0 +1,206 @@
+"""Feature interventions and the forward hook that applies them, one row of a batch at a time.
+
+The paper's method keeps the SAE's error term (Templeton et al. 2024, §"Feature steering"): with
+``f = enc(x)`` and ``f'`` the edited features, the residual becomes::
+
+    x' = x + dec(f') − dec(f) = x + Σ_j (f'_j − f_j) W_dec,j        (b_dec cancels)
+
+so only the edited features' share of ``x`` changes, and clamping a feature to its current value
+is an exact no-op. Modes: clamp (f' = v), add (f + v), multiply (f · v), ablate (0). Scopes:
+``all`` positions, ``prompt`` positions (the prefill), or ``generated`` positions (tokens the
+model generated, fed back one per decode step).
+
+Batched decoding gives every row its own edits, so edits travel as padded tensors
+(``EditBatch``): per row, its distinct features ``U`` and its edits ``M`` (each naming one of
+those features). The hook encodes the rows that need it, gathers their features, edits them all
+at once and adds the decoder-weighted deltas. It also records each row's features before and
+after the edit — the trace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from saescope.service.errors import InvalidArgument, OutOfRange
+from saescope.service.runtime import LoadedSae
+from saescope.service.types import Intervention, Limits
+from saescope.training import models
+from saescope.training.sae import SAE
+
+MODES = ("clamp", "add", "multiply", "ablate")
+SCOPES = ("all", "prompt", "generated")
+
+
+def validate_interventions(
+    ls: LoadedSae, interventions: list[Intervention], limits: Limits
+) -> None:
+    """Count, features, modes, values, and no two edits of a feature with overlapping scopes."""
+    if len(interventions) > limits.max_features:
+        raise OutOfRange("interventions", len(interventions), limits.max_features, "interventions")
+    seen: dict[int, list[tuple[int, str]]] = {}
+    for i, iv in enumerate(interventions):
+        where = f"interventions[{i}]"
+        ls.check_feature(iv.feature, f"{where}.feature")
+        if iv.mode not in MODES:
+            raise InvalidArgument(f"{where}.mode", f"must be one of {MODES}, got {iv.mode!r}")
+        if iv.scope not in SCOPES:
+            raise InvalidArgument(f"{where}.scope", f"must be one of {SCOPES}, got {iv.scope!r}")
+        if not math.isfinite(iv.value):
+            raise InvalidArgument(f"{where}.value", "must be finite")
+        for j, scope in seen.get(iv.feature, []):
+            if "all" in (scope, iv.scope) or scope == iv.scope:
+                raise InvalidArgument(
+                    where,
+                    f"feature {iv.feature} is already edited by interventions[{j}] "
+                    "with an overlapping scope",
+                )
+        seen.setdefault(iv.feature, []).append((i, iv.scope))
+
+
+def distinct_features(interventions: list[Intervention]) -> list[int]:
+    """The edited features in order of first appearance (the trace's order)."""
+    return list(dict.fromkeys(iv.feature for iv in interventions))
+
+
+@dataclass(frozen=True)
+class RowEdits:
+    """One row's edits, and the features it reads (edited ones first; traced ones too)."""
+
+    features: list[int]
+    edits: list[Intervention] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.features
+
+
+@dataclass
+class EditBatch:
+    """The edits of ``b`` rows of a forward's batch, padded to ``U`` features and ``M`` edits."""
+
+    rows: Tensor  # (b,) row indices into the forward's batch
+    feats: Tensor  # (b, U) feature ids (padding: 0)
+    n_feats: list[int]  # real U per row
+    target: Tensor  # (b, M) index into the row's feats (padding: 0)
+    mode: Tensor  # (b, M) index into MODES
+    value: Tensor  # (b, M)
+    scope: Tensor  # (b, M) index into SCOPES
+    valid: Tensor  # (b, M) False for padding
+
+    @staticmethod
+    def build(
+        rows: list[tuple[int, RowEdits]], device: torch.device, dtype: torch.dtype
+    ) -> EditBatch:
+        b = len(rows)
+        u = max(len(r.features) for _, r in rows)
+        m = max((len(r.edits) for _, r in rows), default=0)
+        feats = torch.zeros((b, u), dtype=torch.long)
+        target = torch.zeros((b, m), dtype=torch.long)
+        mode = torch.zeros((b, m), dtype=torch.long)
+        scope = torch.zeros((b, m), dtype=torch.long)
+        value = torch.zeros((b, m), dtype=torch.float32)
+        valid = torch.zeros((b, m), dtype=torch.bool)
+        for i, (_, r) in enumerate(rows):
+            feats[i, : len(r.features)] = torch.tensor(r.features, dtype=torch.long)
+            slot = {f: k for k, f in enumerate(r.features)}
+            for j, iv in enumerate(r.edits):
+                target[i, j] = slot[iv.feature]
+                mode[i, j] = MODES.index(iv.mode)
+                scope[i, j] = SCOPES.index(iv.scope)
+                value[i, j] = iv.value
+                valid[i, j] = True
+        return EditBatch(
+            rows=torch.tensor([i for i, _ in rows], dtype=torch.long, device=device),
+            feats=feats.to(device),
+            n_feats=[len(r.features) for _, r in rows],
+            target=target.to(device),
+            mode=mode.to(device),
+            value=value.to(device=device, dtype=dtype),
+            scope=scope.to(device),
+            valid=valid.to(device),
+        )
+
+
+def apply_edits(
+    sae: SAE, h: Tensor, eb: EditBatch, generated: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Edit residuals ``h`` (b, T, d_in) of the rows in ``eb``.
+
+    ``generated`` says which phase the T positions are in: generated tokens (decode) or the
+    prompt (prefill). Returns ``(h', f_before, f_after)``, the latter two ``(b, T, U)``.
+    """
+    b, t, d = h.shape
+    f = sae.encode(h.reshape(b * t, d)).view(b, t, -1)  # (b, T, d_sae)
+    u, m = eb.feats.shape[1], eb.target.shape[1]
+    f_u = f.gather(-1, eb.feats[:, None, :].expand(b, t, u))  # (b, T, U)
+    if m == 0:
+        return h, f_u, f_u
+    target = eb.target[:, None, :].expand(b, t, m)
+    f_t = f_u.gather(-1, target)  # (b, T, M): each edit's feature before the edit
+    v = eb.value[:, None, :]  # (b, 1, M)
+    mode = eb.mode[:, None, :]
+    new = torch.where(
+        mode == 0, v, torch.where(mode == 1, f_t + v, torch.where(mode == 2, f_t * v, 0.0))
+    )
+    phase = SCOPES.index("generated" if generated else "prompt")
+    applies = eb.valid & ((eb.scope == 0) | (eb.scope == phase))  # (b, M)
+    if not bool(applies.any()):
+        return h, f_u, f_u  # nothing applies in this phase: leave h bit-identical
+    delta_m = torch.where(applies[:, None, :], new - f_t, 0.0)  # (b, T, M)
+    # At most one edit per feature applies in a phase (validated), so scatter_add just places it.
+    delta_u = torch.zeros_like(f_u).scatter_add_(-1, target, delta_m)  # (b, T, U)
+    w_dec = sae.W_dec[eb.feats]  # (b, U, d_in)
+    h_new = h + torch.einsum("btu,bud->btd", delta_u, w_dec)
+    return h_new, f_u, f_u + delta_u
+
+
+@dataclass
+class StepTrace:
+    """What a steering hook saw in one forward: per hooked row, features before/after edits."""
+
+    rows: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # row → 2× (T, U_row)
+
+
+@contextmanager
+def steering_hooks(
+    model: nn.Module,
+    groups: list[tuple[LoadedSae, EditBatch]],
+    *,
+    generated: bool,
+    record: bool = True,
+) -> Iterator[StepTrace]:
+    """Install one forward hook per (SAE, rows) group on the SAE's hookpoint for a forward.
+
+    The hook replaces the hooked rows' residual stream with their edited one, so every later
+    block (and, through the KV cache, every later token) sees the edit.
+    """
+    trace = StepTrace()
+    handles = []
+    for ls, eb in groups:
+
+        def hook(_m: nn.Module, _i: Any, out: Any, ls: LoadedSae = ls, eb: EditBatch = eb) -> Any:
+            h = models.hidden_of(out)  # (B, T, d_in)
+            sub = h.index_select(0, eb.rows)  # (b, T, d_in)
+            sub_new, before, after = apply_edits(ls.sae, sub, eb, generated)
+            if record:
+                before_c, after_c = before.float().cpu(), after.float().cpu()
+                for i, row in enumerate(eb.rows.tolist()):
+                    n = eb.n_feats[i]
+                    trace.rows[row] = (before_c[i, :, :n], after_c[i, :, :n])
+            if sub_new is sub:
+                return None  # keep the output object untouched
+            return models.with_hidden(out, h.index_copy(0, eb.rows, sub_new))
+
+        handles.append(model.get_submodule(ls.hookpoint).register_forward_hook(hook))
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,227 @@
+"""``saescope serve``: run the service locally — Ray, Serve's gRPC proxy, the saescope app.
+
+``saescope serve [--config serve.yaml] [--grpc-port 9000] [--http-port 8000] [--model M]
+[--sae ID=PATH …]`` starts Ray on this machine, Serve with its gRPC proxy (and the HTTP proxy,
+for ``/-/healthz``), deploys the app, prints how to call it and serves until Ctrl-C. ``--config``
+takes a Serve config file (``configs/serve-default.yaml``: the same file ``serve run`` and
+KubeRay take); flags override it. With no SAE configured, the default SAE is used, and trained
+first if absent (``configs/smollm2-135m-cpu.yaml``, once, minutes on a CPU). Ray and the
+service are imported inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SAE_ID = "smollm2-135m-l15-relu"
+APP_NAME = "saescope"
+IMPORT_PATH = "saescope.service.app:build_app"
+SERVICER = "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
+TRAIN_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "smollm2-135m-cpu.yaml"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model and its SAEs over gRPC (Ray Serve, locally)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("--config", type=Path, metavar="SERVE.yaml", help="a Serve config file")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default: the config's, else 9000)")
+    p.add_argument("--http-port", type=int, help="HTTP port for /-/healthz (default 8000)")
+    p.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
+    p.add_argument("--model", help="Hugging Face id, local directory or 'default'")
+    p.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="ID=PATH",
+        help="an SAE checkpoint to serve as ID (repeatable; replaces the config's SAEs)",
+    )
+    p.add_argument("--num-gpus", type=float, help="GPUs per replica (default 0)")
+    p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port")
+    p.add_argument(
+        "--train-config",
+        type=Path,
+        default=TRAIN_CONFIG,
+        help="training config for the default SAE, when it must be trained",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    import ray
+    from ray import serve
+
+    from saescope.service.app import build_app
+
+    app = build_app(plan.app_args)  # validates the args before anything starts
+    init: dict[str, Any] = {"include_dashboard": False}
+    if args.metrics_port:
+        init["_metrics_export_port"] = args.metrics_port
+    ray.init(**init)
+    try:
+        serve.start(
+            proxy_location="EveryNode",
+            http_options={"host": plan.host, "port": plan.http_port},
+            grpc_options={"port": plan.grpc_port, "grpc_servicer_functions": [SERVICER]},
+        )
+        serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
+        _print_usage(plan)
+        _stop_on_signals()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nsaescope serve: shutting down", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (``docker stop``, ``kill``) both shut down cleanly.
+
+    Set explicitly: a process started in the background inherits SIGINT ignored.
+    """
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+# ---- what to serve ---------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    app_args: dict[str, Any]
+    grpc_port: int
+    http_port: int
+    host: str
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Config file, then flags, then the default SAE if none is named."""
+    app_args: dict[str, Any] = {}
+    grpc_port, http_port, host = 9000, 8000, "127.0.0.1"
+    if args.config is not None:
+        app_args, grpc_port, http_port, host = _read_serve_config(args.config)
+    grpc_port = args.grpc_port or grpc_port
+    http_port = args.http_port or http_port
+    host = args.host or host
+    if args.model:
+        app_args["model"] = args.model
+    if args.num_gpus is not None:
+        app_args["num_gpus"] = args.num_gpus
+    if args.sae:
+        app_args["saes"] = [_parse_sae(s) for s in args.sae]
+    if not app_args.get("saes"):
+        if app_args.get("model", "default") != "default":
+            raise ValueError("--sae: name an SAE for a model other than the default")
+        app_args["saes"] = [{"sae_id": DEFAULT_SAE_ID, "path": str(default_sae_dir())}]
+    for spec in app_args["saes"]:
+        # The default SAE named by path (as configs/serve-default.yaml does) is built if absent.
+        path = Path(os.path.expandvars(str(spec.get("path", "")))).expanduser()
+        if spec.get("sae_id") == DEFAULT_SAE_ID and path == default_sae_dir():
+            ensure_default_sae(args.train_config)
+    return _Plan(app_args, grpc_port, http_port, host)
+
+
+def _parse_sae(text: str) -> dict[str, str]:
+    sae_id, sep, path = text.partition("=")
+    if not sep or not sae_id or not path:
+        raise ValueError(f"--sae: expected ID=PATH, got {text!r}")
+    return {"sae_id": sae_id, "path": path}
+
+
+def _read_serve_config(path: Path) -> tuple[dict[str, Any], int, int, str]:
+    """The saescope app's args and the proxies' ports from a Serve config file."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file: {path}")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    apps = [a for a in schema.applications if a.import_path == IMPORT_PATH]
+    if len(apps) != 1:
+        raise ValueError(f"--config: expected one application with import_path {IMPORT_PATH}")
+    http = schema.http_options
+    return dict(apps[0].args), schema.grpc_options.port, http.port, http.host
+
+
+# ---- the default SAE -------------------------------------------------------------------------
+def default_sae_dir() -> Path:
+    """``$SAESCOPE_CACHE/saes/smollm2-135m-l15-relu`` (``~/.cache/saescope`` by default)."""
+    from saescope.training.paths import default_cache_dir
+
+    return default_cache_dir() / "saes" / DEFAULT_SAE_ID
+
+
+def ensure_default_sae(train_config: Path) -> Path:
+    """The default SAE's checkpoint, trained once with ``train_config`` if absent."""
+    target = default_sae_dir()
+    if (target / "saescope.json").is_file():
+        return target
+    run_dir = target.parent.parent / "runs" / DEFAULT_SAE_ID
+    final = run_dir / "final"
+    if not (final / "saescope.json").is_file():
+        if not train_config.is_file():
+            raise FileNotFoundError(
+                f"--train-config: {train_config} not found; pass --sae ID=PATH or a config"
+            )
+        print(
+            f"saescope serve: no default SAE at {target}; training it with {train_config} "
+            "(once; this takes a while on a CPU)",
+            file=sys.stderr,
+        )
+        _train(train_config, run_dir)
+    # Copy into a temporary sibling, then rename: the SAE directory is complete or absent.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp)
+    tmp.rename(target)
+    return target
+
+
+def _train(config: Path, run_dir: Path) -> None:
+    resumable = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    cmd = [sys.executable, "-m", "saescope.cli", "train"]
+    if resumable:
+        cmd += ["--resume", str(run_dir)]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd += ["--config", str(config), f"output.dir={run_dir}"]
+    # Inherit the terminal: the trainer's progress bar shows as it runs.
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise RuntimeError(f"training the default SAE failed (exit {code}): {' '.join(cmd)}")
+
+
+def _print_usage(plan: _Plan) -> None:
+    port = plan.grpc_port
+    print(
+        f"""
+saescope is serving on gRPC port {port} (health: http://{plan.host}:{plan.http_port}/-/healthz).
+
+  grpcurl -plaintext -H 'application: {APP_NAME}' \\
+      -d '{{"prompts": [{{"text": "The cat sat on the mat"}}], "top_k_per_token": 5}}' \\
+      localhost:{port} saescope.api.v1.SaeScope/GetFeatureActivations
+
+  python -c 'from saescope.client import Client
+  with Client("localhost:{port}") as c: print(c.activations("The cat sat on the mat", top_k=5))'
+
+Ctrl-C stops it.""",
+        flush=True,
+    )

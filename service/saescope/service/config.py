@@ -1,0 +1,215 @@
+"""The serving application's configuration: the ``args`` of the Serve app, validated.
+
+A Serve config file (``serve run``, ``serve deploy``, KubeRay ``serveConfigV2``) passes its
+application ``args`` to ``saescope.service.app:build_app``, which validates them with
+:class:`AppConfig`. Unknown fields are errors, and every error names the field::
+
+    applications:
+      - name: saescope
+        import_path: saescope.service.app:build_app
+        args:
+          model: default
+          saes:
+            - {sae_id: smollm2-135m-l15-relu, path: ~/.cache/saescope/saes/smollm2-135m-l15-relu}
+          num_gpus: 0
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from saescope.service.types import Limits
+
+_SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SaeSpec(_Strict):
+    """One SAE to load."""
+
+    sae_id: str
+    """The name callers use for it (letters, digits, ``.``, ``_``, ``-``)."""
+    path: str
+    """A saescope checkpoint directory; ``~`` and ``$VARS`` are expanded."""
+
+    @field_validator("sae_id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        if not _SAE_ID.match(v):
+            raise ValueError(
+                "must be 1–128 letters, digits, '.', '_' or '-', starting alphanumeric"
+            )
+        return v
+
+    @property
+    def resolved_path(self) -> Path:
+        return Path(os.path.expandvars(self.path)).expanduser()
+
+
+class LimitsConfig(_Strict):
+    """Per-call limits; requests over them fail with OUT_OF_RANGE naming the limit."""
+
+    max_prompts: int = Field(default=Limits.max_prompts, ge=1)
+    """Prompts per GetFeatureActivations call."""
+    max_tokens_per_prompt: int = Field(default=Limits.max_tokens_per_prompt, ge=1)
+    """Tokens of one rendered prompt."""
+    max_top_k: int = Field(default=Limits.max_top_k, ge=1)
+    """Largest top_k / top_n / neighbours / top_logits a call may ask for."""
+    max_new_tokens: int = Field(default=Limits.max_new_tokens, ge=1)
+    """Tokens one generation may produce."""
+    max_features: int = Field(default=Limits.max_features, ge=1)
+    """Chosen features per activation call, and interventions per generation."""
+    max_contrast_prompts: int = Field(default=Limits.max_contrast_prompts, ge=2)
+    """Prompts per side of a contrast search."""
+
+    def to_domain(self) -> Limits:
+        return Limits(**self.model_dump())
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the model deployment (replaces a fixed ``num_replicas``)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas kept running."""
+    max_replicas: int = Field(default=1, ge=1)
+    """Most replicas started under load."""
+    target_ongoing_requests: float = Field(default=8, gt=0)
+    """Ongoing requests per replica that autoscaling aims for."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed "
+                f"max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class AppConfig(_Strict):
+    """Arguments of the saescope Serve application (``build_app(args)``)."""
+
+    # ---- what is served ----
+    model: str = "default"
+    """Hugging Face model id or local directory; ``default`` is SmolLM2-135M-Instruct, cached."""
+    saes: list[SaeSpec] = Field(min_length=1)
+    """SAEs to load; at least one (``saescope serve`` trains the default one when none is given)."""
+    default_sae_id: str | None = None
+    """The SAE a request with an empty ``sae_id`` means; default: the first of ``saes``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; ``auto`` picks CUDA when present."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model weights' dtype (SAEs run in float32)."""
+    cache_dir: str | None = None
+    """Cache of the default model; default ``$SAESCOPE_CACHE`` or ``~/.cache/saescope``."""
+    limits: LimitsConfig = LimitsConfig()
+    """Per-call limits."""
+
+    # ---- resources and scaling ----
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs per replica: 1 on a GPU node, 0 on a laptop or CI."""
+    num_cpus: float = Field(default=1, ge=0)
+    """CPUs Ray reserves per replica."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """Intra-op threads of torch in a replica; default: torch's own choice."""
+    num_replicas: int = Field(default=1, ge=1)
+    """Fixed number of replicas (ignored when ``autoscaling`` is set)."""
+    autoscaling: AutoscalingConfig | None = None
+    """Autoscale between ``min_replicas`` and ``max_replicas`` instead."""
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    """Requests one replica works on at once (batching needs several)."""
+    max_queued_requests: int = Field(default=256, ge=-1)
+    """Requests waiting for a replica before callers get RESOURCE_EXHAUSTED; -1: unbounded."""
+
+    # ---- batching ----
+    max_batch_size: int = Field(default=16, ge=1)
+    """Most activation requests one forward pass serves."""
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
+    """How long a forward batch waits to fill before it runs."""
+    max_decode_rows: int = Field(default=32, ge=1)
+    """Most generation rows (steered + baseline branches) one decode step advances together."""
+
+    # ---- access ----
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key; unset: no key required."""
+
+    @field_validator("saes")
+    @classmethod
+    def _unique_ids(cls, v: list[SaeSpec]) -> list[SaeSpec]:
+        ids = [s.sae_id for s in v]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"sae_id must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError(f"not an environment variable name: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_known(self) -> Self:
+        ids = [s.sae_id for s in self.saes]
+        if self.default_sae_id is not None and self.default_sae_id not in ids:
+            raise ValueError(f"default_sae_id: {self.default_sae_id!r} is not one of {ids}")
+        return self
+
+    # ---- derived ----
+    @property
+    def sae_paths(self) -> dict[str, Path]:
+        return {s.sae_id: s.resolved_path for s in self.saes}
+
+    def api_key(self) -> str | None:
+        """The key callers must send, read from ``api_key_env`` (an error if it is unset)."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
+        return key
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Options of the Serve deployment (``Deployment.options(**...)``)."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
+        }
+        if self.autoscaling is None:
+            options["num_replicas"] = self.num_replicas
+        else:
+            options["autoscaling_config"] = self.autoscaling.model_dump()
+        return options
+
+
+class ConfigError(ValueError):
+    """Invalid application arguments; the message names each bad field."""
+
+
+def load_app_config(args: dict[str, Any] | AppConfig) -> AppConfig:
+    """Validate Serve application ``args``; a :class:`ConfigError` names every bad field."""
+    if isinstance(args, AppConfig):
+        return args
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def _describe(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: {msg}")
+    return "invalid saescope app config: " + "; ".join(lines)

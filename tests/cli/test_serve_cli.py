@@ -1,0 +1,77 @@
+"""``saescope serve``'s planning (config file, flags, the default SAE) and ``fetch-model``'s
+registration; no Ray is started here (the gRPC tests cover the running service)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from saescope.cli import serve
+from saescope.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "serve-default.yaml"
+
+
+def plan(*argv: str) -> serve._Plan:
+    return serve._plan(build_parser().parse_args(["serve", *argv]))
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SAESCOPE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def fake_checkpoint(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "saescope.json").write_text(json.dumps({"format_version": 1}))
+    return path
+
+
+def test_config_file_then_flags(cache: Path) -> None:
+    p = plan("--config", str(DEFAULT_CONFIG))
+    assert (p.grpc_port, p.http_port, p.host) == (9000, 8000, "0.0.0.0")
+    assert p.app_args["model"] == "default" and p.app_args["num_gpus"] == 0
+    p = plan(
+        "--config", str(DEFAULT_CONFIG), "--grpc-port", "9100", "--sae", "a=/x", "--num-gpus", "1"
+    )
+    assert (p.grpc_port, p.app_args["saes"], p.app_args["num_gpus"]) == (
+        9100,
+        [{"sae_id": "a", "path": "/x"}],
+        1,
+    )
+
+
+def test_no_sae_means_the_default_sae(cache: Path) -> None:
+    default = fake_checkpoint(cache / "saes" / serve.DEFAULT_SAE_ID)
+    p = plan()
+    assert p.app_args == {"saes": [{"sae_id": serve.DEFAULT_SAE_ID, "path": str(default)}]}
+    assert (p.grpc_port, p.http_port, p.host) == (9000, 8000, "127.0.0.1")
+
+
+def test_a_finished_training_run_is_installed(cache: Path) -> None:
+    final = fake_checkpoint(cache / "runs" / serve.DEFAULT_SAE_ID / "final")
+    (final / "sae_weights.safetensors").write_bytes(b"w")
+    target = serve.ensure_default_sae(Path("/nonexistent.yaml"))
+    assert target == cache / "saes" / serve.DEFAULT_SAE_ID
+    assert (target / "sae_weights.safetensors").read_bytes() == b"w"
+    assert not list(target.parent.glob(".*tmp*"))
+
+
+def test_mistakes_name_the_flag(cache: Path) -> None:
+    with pytest.raises(ValueError, match="--sae: expected ID=PATH"):
+        plan("--sae", "no-equals-sign")
+    with pytest.raises(ValueError, match="--sae: name an SAE"):
+        plan("--model", "gpt2")
+    with pytest.raises(FileNotFoundError, match="--train-config"):
+        plan("--train-config", str(cache / "missing.yaml"))
+    with pytest.raises(FileNotFoundError, match="--config"):
+        plan("--config", str(cache / "missing.yaml"))
+
+
+def test_fetch_model_is_a_command() -> None:
+    args = build_parser().parse_args(["fetch-model", "--cache-dir", "/tmp/x"])
+    assert args.cache_dir == Path("/tmp/x") and callable(args.func)

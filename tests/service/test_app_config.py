@@ -1,0 +1,90 @@
+"""The serving configuration: the shipped Serve config validates with Ray's schema and with
+``AppConfig``; mistakes are errors that name the field; the builder turns args into a Serve app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from saescope.service.config import ConfigError, load_app_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("serve-*.yaml"))
+SAE = {"sae_id": "s", "path": "/tmp/s"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_configs_validate(path: Path) -> None:
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "saescope.service.app:build_app"
+    assert schema.grpc_options.grpc_servicer_functions == [
+        "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
+    ]
+    cfg = load_app_config(app.args)
+    assert cfg.saes and cfg.num_gpus == 0
+
+
+def test_default_config_serves_the_default_sae() -> None:
+    raw = yaml.safe_load((ROOT / "configs" / "serve-default.yaml").read_text())
+    cfg = load_app_config(raw["applications"][0]["args"])
+    assert cfg.model == "default" and raw["grpc_options"]["port"] == 9000
+    path = cfg.sae_paths["smollm2-135m-l15-relu"]
+    assert path.is_absolute() and path.parts[-2:] == ("saes", "smollm2-135m-l15-relu")
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"saes": [SAE], "modle": "x"}, "modle: unknown field"),
+        ({"saes": [SAE], "limits": {"max_prompt": 3}}, "limits.max_prompt: unknown field"),
+        ({"saes": [SAE], "limits": {"max_prompts": 0}}, "limits.max_prompts"),
+        ({"saes": []}, "saes"),
+        ({}, "saes"),
+        ({"saes": [SAE, SAE]}, "sae_id must be unique"),
+        ({"saes": [{"sae_id": "bad id!", "path": "/x"}]}, "saes.0.sae_id"),
+        ({"saes": [SAE], "default_sae_id": "other"}, "default_sae_id"),
+        ({"saes": [SAE], "device": "tpu"}, "device"),
+        ({"saes": [SAE], "num_gpus": -1}, "num_gpus"),
+        ({"saes": [SAE], "api_key_env": "not a name"}, "api_key_env"),
+        ({"saes": [SAE], "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling"),
+    ],
+)
+def test_config_errors_name_the_field(args: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError, match="invalid saescope app config") as e:
+        load_app_config(args)
+    assert field in str(e.value)
+
+
+def test_deployment_options_follow_the_config() -> None:
+    cfg = load_app_config({"saes": [SAE], "num_gpus": 1, "max_queued_requests": 4})
+    options = cfg.deployment_options()
+    assert options["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1}
+    assert (options["num_replicas"], options["max_queued_requests"]) == (1, 4)
+    scaled = load_app_config({"saes": [SAE], "autoscaling": {"max_replicas": 4}})
+    assert "num_replicas" not in scaled.deployment_options()
+    assert scaled.deployment_options()["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_api_key_comes_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_app_config({"saes": [SAE], "api_key_env": "SAESCOPE_KEY_FOR_TEST"})
+    monkeypatch.delenv("SAESCOPE_KEY_FOR_TEST", raising=False)
+    with pytest.raises(ConfigError, match="api_key_env: environment variable"):
+        cfg.api_key()
+    monkeypatch.setenv("SAESCOPE_KEY_FOR_TEST", "k")
+    assert cfg.api_key() == "k"
+    assert load_app_config({"saes": [SAE]}).api_key() is None
+
+
+def test_build_app_validates_and_binds() -> None:
+    from ray.serve import Application
+
+    from saescope.service.app import build_app
+
+    assert isinstance(build_app({"saes": [SAE], "num_gpus": 0.5}), Application)
+    with pytest.raises(ConfigError, match="modle: unknown field"):
+        build_app({"saes": [SAE], "modle": "x"})

@@ -1,0 +1,84 @@
+"""Protobuf ⇄ domain conversion: dense tensors, wire-only validation, optional fields."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from saescope.api.v1 import saescope_pb2 as pb
+from saescope.service import convert
+from saescope.service import types as t
+from saescope.service.errors import InvalidArgument
+
+
+def test_dense_tensors_are_little_endian_float32_row_major() -> None:
+    x = np.arange(6, dtype=np.float64).reshape(2, 3) / 7
+    msg = convert.dense_to_proto(x)
+    assert list(msg.shape) == [2, 3] and len(msg.data) == 24
+    assert msg.data[:8] == np.array([0, 1 / 7], dtype="<f4").tobytes()
+    np.testing.assert_array_equal(convert.dense_from_proto(msg), x.astype(np.float32))
+    with pytest.raises(InvalidArgument, match=r"^direction: 20 bytes"):
+        convert.dense_from_proto(pb.DenseTensor(shape=[2, 3], data=msg.data[:20]), "direction")
+
+
+def test_prompts_and_chats() -> None:
+    assert convert.prompt_from_proto(pb.Prompt(text=""), "p") == t.Prompt(text="")
+    chat = pb.Prompt(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")]))
+    assert convert.prompt_from_proto(chat, "p") == t.Prompt(chat=(t.ChatMessage("user", "hi"),))
+    with pytest.raises(InvalidArgument, match=r"^prompts\[1\]: set either text or chat"):
+        convert.activations_request(
+            pb.GetFeatureActivationsRequest(prompts=[pb.Prompt(text="a"), pb.Prompt()])
+        )
+    with pytest.raises(InvalidArgument, match=r"^prompt: required"):
+        convert.generate_request(pb.GenerateSteeredRequest())
+
+
+def test_enums_unset_or_unknown_name_the_field() -> None:
+    req = pb.GenerateSteeredRequest(prompt=pb.Prompt(text="a"))
+    req.interventions.add(feature=3)
+    with pytest.raises(InvalidArgument, match=r"^interventions\[0\]\.mode: required"):
+        convert.generate_request(req)
+    req.interventions[0].mode = 99  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument, match=r"^interventions\[0\]\.mode: unknown value 99"):
+        convert.generate_request(req)
+    bad = pb.GetFeatureActivationsRequest(prompts=[pb.Prompt(text="a")], aggregation=7)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"^aggregation: unknown value 7"):
+        convert.activations_request(bad)
+
+
+def test_generate_request_fields() -> None:
+    req = pb.GenerateSteeredRequest(
+        sae_id="s",
+        prompt=pb.Prompt(text="a"),
+        interventions=[
+            pb.Intervention(
+                feature=2,
+                mode=pb.Intervention.MODE_ADD,
+                value=1.5,
+                scope=pb.Intervention.SCOPE_PROMPT,
+            )
+        ],
+        sampling=pb.SamplingParams(temperature=0.5, top_p=0.75, top_k=5, stop=["\n"]),
+        include_trace=True,
+    )
+    out = convert.generate_request(req)
+    assert out.interventions == [t.Intervention(2, "add", 1.5, "prompt")]
+    assert out.sampling == t.Sampling(0, 0.5, 0.75, 5, None, ("\n",))
+    req.sampling.seed = 0  # an explicit 0 is a seed, not "unset"
+    assert convert.generate_request(req).sampling.seed == 0
+
+
+def test_stream_events_and_optional_fields() -> None:
+    tok = t.Token(id=5, text="a", start=0, end=1)
+    event = convert.generate_event(t.TokenEvent("baseline", 3, tok, "a", None, [1.0]))
+    assert event.WhichOneof("event") == "token"
+    assert event.token.branch == pb.GenerateSteeredEvent.BRANCH_BASELINE
+    assert (event.token.index, event.token.logprob, list(event.token.trace)) == (3, 0.0, [1.0])
+    done = t.GenerateResult("s", [tok], t.Completion("a", [tok], [], "eos", []))
+    msg = convert.generate_event(done)
+    assert msg.WhichOneof("event") == "done" and not msg.done.HasField("baseline")
+    assert msg.done.steered.finish_reason == pb.FINISH_REASON_EOS
+    feature = t.FeatureResult("s", 1, 1.0, 2.0, 0.1, None, [], [], [(4, 0.5)], [], None)
+    got = convert.feature_response(feature)
+    assert not got.HasField("density") and not got.HasField("direction")
+    assert (got.nearest[0].feature, got.nearest[0].cosine) == (4, 0.5)

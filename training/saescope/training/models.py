@@ -106,7 +106,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     )
     # The weights are de-quantised already; drop the GGUF quantiser so the model saves as
     # plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL_NAME
@@ -142,7 +142,7 @@ def load_model(
     path = resolve_model(model, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    lm.to(pick_device(device)).eval()
+    lm.to(pick_device(device)).eval()  # type: ignore[arg-type]
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -29,7 +29,7 @@ def make_sae(architecture: str, seed: int = 0) -> SAE:
             torch.randn(D_SAE, D_IN, generator=g) * torch.rand(D_SAE, 1, generator=g) * 2
         )
         sae.b_dec.copy_(0.5 * torch.randn(D_IN, generator=g))
-    return sae.double()
+    return sae.double().requires_grad_(False)  # the references read weights as floats
 
 
 def inputs(n: int = 5, seed: int = 1) -> Tensor:

@@ -1,0 +1,70 @@
+"""``saescope train``: train an SAE on a model's residual stream.
+
+``saescope train --config FILE.yaml [key.sub=value …]`` starts a run (see ``configs/`` and
+``saescope.training.config`` for every field); ``saescope train --resume OUT_DIR [key=value …]``
+continues one from its latest checkpoint with the config saved in it. A bad config or bad data
+ends with ``saescope train: error: <field>: <message>`` and exit status 2. torch and the training
+package are imported inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+SHOWN = ("loss", "mse", "fvu", "l0", "dead_frac")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a sparse autoencoder on a model's residual stream",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("--config", type=Path, metavar="FILE.yaml", help="the run's YAML config")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="OUT_DIR",
+        help="continue the run in OUT_DIR from its latest checkpoint (its saved config applies)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4"
+    )
+    p.set_defaults(func=run, _parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.resume is None):
+        args._parser.error(
+            "give --config FILE.yaml to start a run or --resume OUT_DIR to continue one"
+        )
+    from saescope.training.config import load_config
+    from saescope.training.run import CHECKPOINTS, resume_config, train
+
+    show = None if not args.no_progress and sys.stderr.isatty() else False
+    if show is False:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # its "Loading weights" bars
+    if args.resume is not None:
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(
+            cfg,
+            resume=args.resume is not None,
+            progress=show,
+        )
+    except KeyboardInterrupt:
+        if any((cfg.output.dir / CHECKPOINTS).glob("step_*")):
+            print(f"saescope train: interrupted; continue with --resume {cfg.output.dir}")
+        raise
+    shown = ", ".join(f"{k} {result.metrics[k]:.4g}" for k in SHOWN if k in result.metrics)
+    print(f"saescope train: {result.steps} steps, {result.tokens:,} tokens; {shown}")
+    print(f"saescope train: wrote {result.path}")
+    return 0

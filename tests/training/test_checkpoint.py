@@ -1,0 +1,166 @@
+"""Whole runs on the tiny Llama: checkpoints, exact resume, and refused corrupt checkpoints.
+
+A run "killed" at a step after a checkpoint (an exception from the step callback, as a signal
+would end it) and resumed with ``--resume`` must end with the same weights, Adam moments and
+feature counters as a run that was never interrupted — through the real activation pipeline,
+streamed from the model and read from the on-disk cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saescope.training import checkpoint
+from saescope.training.config import TrainConfig, load_config
+from saescope.training.run import CHECKPOINTS, FINAL, read_metrics, resume_config, train
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the run stops between two steps."""
+
+
+def config(model_dir: Path, text_dir: Path, out: Path, *extra: str) -> TrainConfig:
+    return load_config(
+        None,
+        [
+            f"model={model_dir}",
+            f"data.source={text_dir}",
+            "layer=2",
+            "sae.d_sae=128",
+            "train.total_tokens=3200",  # 50 steps
+            "train.batch_size=64",
+            "train.lr=1e-3",
+            "train.dead_window_tokens=640",
+            "train.scale_batches=3",
+            "activations.context_size=32",
+            "activations.model_batch_size=4",
+            "activations.shuffle_buffer_tokens=320",
+            "activations.device=cpu",
+            f"output.dir={out}",
+            "output.checkpoint_every_tokens=640",  # every 10 steps
+            "output.keep_checkpoints=2",
+            "output.log_every_steps=5",
+            "output.plots=false",
+            *extra,
+        ],
+    )
+
+
+def kill_at(step: int) -> Any:
+    def callback(trainer: Any, _record: Any) -> None:
+        if trainer.step == step:
+            raise Killed
+
+    return callback
+
+
+def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {f"export.{k}": v for k, v in load_file(ckpt / checkpoint.WEIGHTS_FILE).items()}
+    for stem in ("sae_raw", "optimizer", "features"):
+        for k, v in load_file(ckpt / checkpoint.STATE_DIR / f"{stem}.safetensors").items():
+            out[f"{stem}.{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize(
+    "extra", [("sae.architecture=relu",), ("sae.architecture=topk", "sae.k=8", "cache")]
+)
+def test_a_killed_run_resumes_exactly(
+    tiny_model_dir: Path, text_dir: Path, tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    opts = [e for e in extra if e != "cache"]
+    if "cache" in extra:
+        opts.append(f"activations.cache_dir={tmp_path / 'cache'}")
+    whole = train(config(tiny_model_dir, text_dir, tmp_path / "whole", *opts), echo=lambda _: None)
+    assert whole.steps == 50 and not whole.data_ended
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(
+            config(tiny_model_dir, text_dir, out, *opts), callback=kill_at(27), echo=lambda _: None
+        )
+    # the latest checkpoint is step 20 (the last 2 kept: 10 and 20); steps 21–27 are lost
+    assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == [
+        "step_00000010",
+        "step_00000020",
+    ]
+    cfg = resume_config(out)
+    assert cfg.output.dir == out
+    resumed = train(cfg, resume=True, echo=lambda _: None)
+    assert resumed.steps == 50
+
+    a, b = tensors(whole.path), tensors(resumed.path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # metrics.jsonl holds each step's record once, as the uninterrupted run's
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == [r["step"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    assert steps == list(range(5, 51, 5))
+    with pytest.raises(ValueError, match="finished run"):
+        train(cfg, resume=True)
+
+
+@pytest.fixture(scope="module")
+def finished(
+    tiny_model_dir: Path, text_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A short finished run (20 steps, checkpoints every 10)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = config(tiny_model_dir, text_dir, out, "train.total_tokens=1280", "output.plots=true")
+    train(cfg, echo=lambda _: None)
+    return out
+
+
+def test_a_checkpoint_holds_what_serving_and_resuming_need(finished: Path) -> None:
+    final = finished / FINAL
+    sae, meta = checkpoint.load_sae(final)
+    assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.architecture) == (64, 128, "relu")
+    assert meta["hookpoint"] == "model.layers.2" and meta["prepend_bos"] is False
+    assert meta["tokens_seen"] == 1280 and meta["steps"] == 20 and meta["scale"] > 0
+    assert meta["config"]["train"]["lr"] == 1e-3 and meta["context_size"] == 32
+    assert {"loss", "mse", "fvu", "l0", "dead_frac", "lr", "l1_coefficient"} <= meta[
+        "metrics"
+    ].keys()
+    sparsity = load_file(final / checkpoint.SPARSITY_FILE)["sparsity"]
+    assert sparsity.shape == (128,) and bool((sparsity <= 0).all())
+    _, state = checkpoint.load_training_state(final)
+    assert state["step"] == 20 and "data_position" in state and state["rng"]["python"]
+    assert (finished / "metrics.png").stat().st_size > 0
+    assert (finished / "config.yaml").is_file()
+
+
+def test_a_fresh_run_refuses_a_directory_holding_one(
+    finished: Path, tiny_model_dir: Path, text_dir: Path
+) -> None:
+    with pytest.raises(ValueError, match="--resume"):
+        train(config(tiny_model_dir, text_dir, finished))
+
+
+def test_corrupt_checkpoints_are_refused_naming_the_file(finished: Path, tmp_path: Path) -> None:
+    import shutil
+
+    step = tmp_path / "out" / CHECKPOINTS / "step_00000010"
+    shutil.copytree(finished / CHECKPOINTS / "step_00000010", step)
+    optimizer = step / checkpoint.STATE_DIR / "optimizer.safetensors"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0x01  # flip one bit
+    optimizer.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=r"optimizer\.safetensors"):
+        train(resume_config(tmp_path / "out"), resume=True)
+
+    weights = step / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(checkpoint.CheckpointError, match=r"sae_weights\.safetensors"):
+        checkpoint.load_sae(step)
+
+    (step / checkpoint.META_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"no saescope\.json"):
+        checkpoint.load_sae(step)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoints"):
+        resume_config(tmp_path / "empty")

@@ -29,6 +29,7 @@ OVERLAYS = ("overlays/gpu", "overlays/cpu")
 
 INSTALL_HINTS = {
     "promtool": "apt-get install -y --no-install-recommends prometheus  (Debian/Ubuntu)",
+    "prometheus": "apt-get install -y --no-install-recommends prometheus  (Debian/Ubuntu)",
 }
 
 

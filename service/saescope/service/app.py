@@ -86,6 +86,8 @@ class SaeScope:
             default_sae_id=cfg.default_sae_id,
             cache_dir=cfg.cache_dir,
             max_batch_rows=cfg.max_decode_rows,
+            observer=self._metrics,  # decode batch sizes, decode queue waits, SAE encode times
+            metrics_sync_timing=cfg.metrics_sync_timing,
         )
         self._generation = Generations(self._engine, self._pool, self._metrics)
         self._sampler: asyncio.Task[None] | None = None

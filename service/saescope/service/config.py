@@ -120,6 +120,9 @@ class AppConfig(_Strict):
     """CPUs Ray reserves per replica."""
     torch_threads: int | None = Field(default=None, ge=1)
     """Intra-op threads of torch in a replica; default: torch's own choice."""
+    metrics_sync_timing: bool = False
+    """Time SAE encodes on a GPU too (``saescope_sae_encode_s``). That needs a device sync
+    around each encode, so it is off by default; on a CPU encodes are always timed."""
     num_replicas: int = Field(default=1, ge=1)
     """Fixed number of replicas (ignored when ``autoscaling`` is set)."""
     autoscaling: AutoscalingConfig | None = None

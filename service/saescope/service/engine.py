@@ -16,6 +16,11 @@ forms of the same path)::
             ...
     finally:
         handle.cancel_unless_done()          # the client left: its rows leave the batch
+
+``observer`` (``runtime.EngineObserver``; default: none) hears each SAE encode, decode step and
+admission to the decode batch, from the threads that do the work — the app's metrics. Encodes
+are timed on CPU; on GPU only with ``metrics_sync_timing``, which synchronises the device around
+each encode (see ``runtime``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 from saescope.service import activations, contrast, features, prompts
 from saescope.service.errors import SaescopeError
 from saescope.service.generation import DecodeBatcher, GenerationPlan
-from saescope.service.runtime import DTYPES, ModelRuntime, load_saes
+from saescope.service.runtime import DTYPES, EngineObserver, ModelRuntime, NoObserver, load_saes
 from saescope.service.sampling import plan_sampling
 from saescope.service.steering import RowEdits, distinct_features, validate_interventions
 from saescope.service.streams import GenerationHandle
@@ -73,6 +78,8 @@ class Engine:
         max_batch_rows: int = 32,
         max_pending_generations: int = 256,
         max_batch_tokens: int = activations.DEFAULT_MAX_BATCH_TOKENS,
+        observer: EngineObserver | None = None,
+        metrics_sync_timing: bool = False,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -96,6 +103,8 @@ class Engine:
             dtype=DTYPES[dtype],
             saes=loaded,
             default_sae_id=default_sae_id,
+            observer=observer if observer is not None else NoObserver(),
+            sync_timing=metrics_sync_timing,
         )
         self.limits = limits
         self.max_batch_tokens = max_batch_tokens
@@ -169,10 +178,13 @@ class Engine:
         )
         k = 0
         for i, ls, encoded in jobs:
+            timed = self.rt.timed(ls)  # its encodes reach the observer
             out[i] = ActivationsResult(
                 sae_id=ls.sae_id,
                 prompts=[
-                    activations.prompt_activations(ls, residuals[k + j][ls.hookpoint], enc, reqs[i])
+                    activations.prompt_activations(
+                        timed, residuals[k + j][ls.hookpoint], enc, reqs[i]
+                    )
                     for j, enc in enumerate(encoded)
                 ],
             )
@@ -196,7 +208,8 @@ class Engine:
             max_batch_tokens=self.max_batch_tokens,
         )
         resid = [r[ls.hookpoint] for r in residuals]
-        return contrast.search(ls, resid, encoded, len(req.positive), req, top_n, per_hit)
+        timed = self.rt.timed(ls)  # its encodes reach the observer
+        return contrast.search(timed, resid, encoded, len(req.positive), req, top_n, per_hit)
 
     # ---- GetFeature ------------------------------------------------------------------------------
     def feature(self, req: FeatureRequest) -> FeatureResult:

@@ -19,6 +19,10 @@ thread runs the steps (``start()``; ``Engine`` starts it on first use). Tests ma
 ``step()`` by hand on a batcher that was never started. Decoding is greedy-exact under batching
 up to float noise: padding is masked, and each row's edits touch only its own residual stream.
 
+The stepping thread tells the runtime's observer (``runtime.EngineObserver``) each request's wait
+from ``submit`` until a step takes it into the batch, each decode step's rows and time, and
+(through ``ModelRuntime.timed``) the steering hooks' SAE encodes.
+
 Conventions: the trace of a branch has one value per position the model read — the prompt, then
 every generated token but the last (which is never fed back) — and a ``TokenEvent``'s ``trace``
 is the steered features' values (after the edit) at the position that predicted its token.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -76,6 +81,7 @@ class _Request:
         self.plan = plan
         self.handle = handle
         self.rows: list[_Row] = []
+        self.submitted = time.perf_counter()
 
 
 class _Row:
@@ -264,6 +270,9 @@ class DecodeBatcher:
                     break
                 taken.append(self._pending.popleft())
                 rows, tokens = rows + n, tokens + cost
+        now = time.perf_counter()
+        for req in taken:  # outside the lock: the observer may take its time
+            self.rt.observer.on_admit(now - req.submitted)
         return taken
 
     def _prefill(self, reqs: list[_Request]) -> None:
@@ -285,6 +294,7 @@ class DecodeBatcher:
             self._kv.append(cache, len(rows), length)
 
     def _decode(self) -> None:
+        start = time.perf_counter()
         rows, device = self._rows, self.rt.device
         ids = torch.tensor([[r.ids[-1]] for r in rows], device=device)  # (B, 1)
         positions = torch.tensor([[r.position] for r in rows], device=device)  # (B, 1)
@@ -302,7 +312,8 @@ class DecodeBatcher:
             r.position += 1
         self.steps += 1
         self.last_batch_rows = len(rows)
-        self._advance(rows, logits, trace)
+        self._advance(rows, logits, trace)  # reads the tokens: the step's kernels are done
+        self.rt.observer.on_decode_step(len(rows), time.perf_counter() - start)
 
     def _forward(
         self, rows: list[_Row], *, generated: bool, **inputs: Any
@@ -313,7 +324,10 @@ class DecodeBatcher:
             if not r.edits.empty:
                 by_sae.setdefault(r.req.plan.sae.sae_id, []).append((i, r.edits))
         groups = [
-            (self.rt.saes[sae_id], EditBatch.build(members, self.rt.device, self.rt.dtype))
+            (
+                self.rt.timed(self.rt.saes[sae_id]),  # its encodes reach the observer
+                EditBatch.build(members, self.rt.device, self.rt.dtype),
+            )
             for sae_id, members in by_sae.items()
         ]
         record = any(r.req.plan.include_trace for r in rows)

@@ -5,7 +5,8 @@ tokenisation in a worker thread) and yields the handle's events as they are deci
 the async iterator — which is what happens when Serve cancels a call whose client went away or
 whose deadline passed — cancels the handle, and the batcher drops its rows at the next step:
 decoding stops. It records the per-generation metrics (time to first token, decode speed,
-tokens in and out); ``sample`` records the batcher's queue depth and decode batch sizes.
+tokens in and out); ``sample`` records the batcher's queue depth. Decode batch sizes, queue
+waits and SAE encode times come from the engine itself, through its observer (``metrics``).
 
 No Ray and no protobuf here: tests can drive it with the engine alone.
 """
@@ -32,7 +33,6 @@ class Generations:
         self._pool = pool
         self._metrics = metrics
         self._open = 0
-        self._steps_seen = 0
 
     def stats(self) -> dict[str, int]:
         """Streams open, rows decoding, requests waiting, decode steps run since start."""
@@ -64,12 +64,8 @@ class Generations:
             self._open -= 1
 
     def sample(self) -> None:
-        """Record the batcher's queue depth and, if it stepped since, its last batch size."""
-        batcher = self._engine.batcher
-        self._metrics.queue_depth("decode", batcher.pending)
-        if batcher.steps != self._steps_seen:
-            self._steps_seen = batcher.steps
-            self._metrics.batch("decode", batcher.last_batch_rows, [])
+        """Record the batcher's queue depth."""
+        self._metrics.queue_depth("decode", self._engine.batcher.pending)
 
     async def sample_forever(self, every_s: float = 1.0) -> None:
         while True:

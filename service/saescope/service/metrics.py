@@ -18,6 +18,13 @@ what the Kubernetes dashboards and alerts query; change them only together with 
 | saescope_queue_depth               | gauge     | kind        |
 
 ``kind`` is ``forward`` (batched activation passes) or ``decode`` (batched generation steps).
+``ServiceMetrics`` is also the engine's observer (``runtime.EngineObserver``): the decode thread
+and the engine's worker threads record every decode step's rows, every generation's wait to join
+the decode batch and every SAE encode's time (on CPU, or on GPU with ``metrics_sync_timing``).
+Ray's metric objects may be recorded from any thread: the Python side only reads the metric's
+default tags and builds a fresh tag dict per call, and Ray 2.60's C++ recorder (OpenTelemetry,
+its default) takes a mutex around every registration and every recorded value (the older
+OpenCensus path is thread-safe as well). Ray's own replica records from its user-code thread.
 """
 
 from __future__ import annotations
@@ -124,5 +131,12 @@ class ServiceMetrics:
     def queue_depth(self, kind: BatchKind, depth: int) -> None:
         self._queue_depth.set(depth, tags={"kind": kind})
 
-    def sae_encode(self, sae_id: str, seconds: float) -> None:
+    # ---- the engine's observer (runtime.EngineObserver): called from engine threads ----
+    def on_sae_encode(self, sae_id: str, seconds: float) -> None:
         self._sae_encode.observe(seconds, tags={"sae_id": sae_id})
+
+    def on_decode_step(self, rows: int, seconds: float) -> None:
+        self._batch_size.observe(rows, tags={"kind": "decode"})
+
+    def on_admit(self, wait_seconds: float) -> None:
+        self._queue_wait.observe(max(wait_seconds, 0.0), tags={"kind": "decode"})

@@ -4,16 +4,30 @@ serialises forward passes.
 Every model forward (activations, contrast, each decode step of the batcher) takes ``lock``, a
 FIFO lock: the decode thread re-acquires it every step, and a plain ``threading.Lock`` would let
 it starve a waiting activations call. Batching, not concurrency, is how work shares the device.
+
+``observer`` (an ``EngineObserver``) hears what the engine did, for metrics: each SAE encode and
+its time, each decode step's rows and time, each generation's wait before it joined the decode
+batch. The engine calls it from the threads that do the work — the decode thread and the app's
+worker threads, concurrently — so an observer must be thread-safe, fast, and must not raise. The
+default, ``NoObserver``, ignores everything, and then nothing is timed.
+
+Timing an encode needs its kernels to have finished. On CPU they have when ``encode`` returns,
+so encodes are timed there for free. On an accelerator, kernels run asynchronously: an encode is
+timed only with ``sync_timing`` (the engine's ``metrics_sync_timing``), which synchronises the
+device before and after each encode — exact, but it stalls the CPU's run-ahead each time, so it
+is off by default and ``on_sae_encode`` is then never called on GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -49,6 +63,32 @@ class FairLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it works (see the module docstring: thread-safe, never raise)."""
+
+    def on_sae_encode(self, sae_id: str, seconds: float) -> None:
+        """An SAE encoded one batch of residuals (a forward pass's prompt, a decode step's rows)."""
+
+    def on_decode_step(self, rows: int, seconds: float) -> None:
+        """One decode step advanced ``rows`` rows; ``seconds`` from its start to its tokens."""
+
+    def on_admit(self, wait_seconds: float) -> None:
+        """A generation joined the decode batch ``wait_seconds`` after it was submitted."""
+
+
+class NoObserver:
+    """The default observer: ignores everything (and so nothing is timed)."""
+
+    def on_sae_encode(self, sae_id: str, seconds: float) -> None:
+        pass
+
+    def on_decode_step(self, rows: int, seconds: float) -> None:
+        pass
+
+    def on_admit(self, wait_seconds: float) -> None:
+        pass
 
 
 @dataclass
@@ -118,6 +158,8 @@ class ModelRuntime:
     saes: dict[str, LoadedSae]
     default_sae_id: str
     lock: FairLock = field(default_factory=FairLock)
+    observer: EngineObserver = field(default_factory=NoObserver)
+    sync_timing: bool = False  # time encodes on an accelerator too, with a sync around each
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -147,6 +189,36 @@ class ModelRuntime:
             self._token_text[token_id] = text
         return text
 
+    @property
+    def times_encodes(self) -> bool:
+        """Whether ``encode`` is timed: someone listens, and the time is true (CPU, or sync)."""
+        return not isinstance(self.observer, NoObserver) and (
+            self.device.type == "cpu" or self.sync_timing
+        )
+
+    def encode(self, ls: LoadedSae, x: Tensor) -> Tensor:
+        """``ls.sae.encode(x)``, its time reported to the observer when ``times_encodes``."""
+        if not self.times_encodes:
+            return ls.sae.encode(x)
+        self._synchronize()
+        start = time.perf_counter()
+        f = ls.sae.encode(x)
+        self._synchronize()
+        self.observer.on_sae_encode(ls.sae_id, time.perf_counter() - start)
+        return f
+
+    def timed(self, ls: LoadedSae) -> LoadedSae:
+        """``ls`` whose ``sae.encode`` goes through ``encode`` (for code handed an SAE, such as
+        the steering hook); ``ls`` itself when encodes are not timed. A shallow copy per use:
+        cheap, and safe from any thread (the SAE's weights are only read)."""
+        if not self.times_encodes:
+            return ls
+        return dataclasses.replace(ls, sae=cast(SAE, _TimedSae(self, ls)))
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def get_sae(self, sae_id: str) -> LoadedSae:
         """The SAE named ``sae_id`` (empty: the default), or NotFound."""
         key = sae_id or self.default_sae_id
@@ -154,6 +226,19 @@ class ModelRuntime:
             known = ", ".join(sorted(self.saes)) or "none"
             raise NotFound(f"sae_id: no SAE {key!r} is loaded (loaded: {known})")
         return self.saes[key]
+
+
+class _TimedSae:
+    """An SAE whose ``encode`` is timed by ``ModelRuntime.encode``; all else is the SAE's own."""
+
+    def __init__(self, rt: ModelRuntime, ls: LoadedSae) -> None:
+        self._rt, self._ls = rt, ls
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._rt.encode(self._ls, x)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ls.sae, name)
 
 
 def load_saes(

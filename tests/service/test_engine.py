@@ -310,3 +310,30 @@ def test_contrast_errors(engine: Engine, change: dict, error: type, field: str) 
         engine.contrast(t.ContrastRequest(**{**base, **change}))
     assert getattr(e.value, "field", None) == field
     assert isinstance(e.value, SaescopeError)
+
+
+def test_aggregation_leaves_out_specials_sink_and_outliers() -> None:
+    """Positions the SAE never saw in training (the trainer's rules, from the checkpoint) and
+    special tokens do not count in aggregates; ``include_special`` counts everything."""
+    from saescope.service.runtime import LoadedSae
+
+    sae = SAE(SAEConfig(4, 8))
+    meta = {"skip_first_positions": 1, "outlier_norm_factor": 10.0}
+    ls = LoadedSae("s", sae, "model.layers.0", 0, meta, None)
+    x = torch.ones(6, 4)
+    x[0] *= 500.0  # the attention sink at position 0
+    x[4] *= 50.0  # an outlier later on: 50 > 10 × the median norm
+    special = [False, False, True, False, False, False]
+    keep = ls.aggregation_mask(x, special, include_special=False)
+    assert keep.tolist() == [False, True, False, True, False, True]
+    assert ls.aggregation_mask(x, special, include_special=True).all()
+    # an SAE whose checkpoint records no such rules leaves out only the special tokens
+    plain = LoadedSae("p", sae, "model.layers.0", 0, {}, None)
+    assert plain.aggregation_mask(x, special, False).tolist() == [
+        True,
+        True,
+        False,
+        True,
+        True,
+        True,
+    ]

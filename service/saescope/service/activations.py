@@ -142,9 +142,7 @@ def prompt_activations(
         dense = chosen.float().cpu().numpy().astype(np.float32)
     else:
         dense = np.zeros((f.shape[0], 0), dtype=np.float32)
-    include = torch.ones(f.shape[0], dtype=torch.bool, device=f.device)
-    if not req.include_special_tokens:
-        include = ~torch.tensor(enc.special_mask(), dtype=torch.bool, device=f.device)
+    include = ls.aggregation_mask(x, enc.special_mask(), req.include_special_tokens)
     aggregated = aggregate(f, include, req.aggregation)  # (d_sae,)
     return PromptActivations(
         tokens=enc.tokens,

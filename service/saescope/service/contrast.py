@@ -1,6 +1,7 @@
 """Feature search by contrast: which features fire differently on two prompt sets.
 
-Per prompt, each feature is aggregated over its non-special tokens (max or mean) into a matrix
+Per prompt, each feature is aggregated over the positions the SAE was trained on (no special
+tokens, no attention sink; ``LoadedSae.aggregation_mask``) with max or mean, into a matrix
 ``A (P, d_sae)``. Every feature active (> 0) in at least one prompt is *tested*; for each:
 
 - ``mean_positive``, ``mean_negative``, ``mean_difference`` of the per-prompt aggregates;
@@ -150,11 +151,11 @@ def rank(st: Statistics, top_n: int) -> tuple[np.ndarray, np.ndarray]:
 def aggregate_prompts(
     ls: LoadedSae, residuals: list[Tensor], encoded: list[Encoded], how: str
 ) -> np.ndarray:
-    """``(P, d_sae)`` per-prompt aggregates over non-special tokens."""
+    """``(P, d_sae)`` per-prompt aggregates over the positions ``ls.aggregation_mask`` keeps."""
     rows = []
     for x, enc in zip(residuals, encoded, strict=True):
         f = ls.sae.encode(x)  # (T, d_sae)
-        include = ~torch.tensor(enc.special_mask(), dtype=torch.bool, device=f.device)
+        include = ls.aggregation_mask(x, enc.special_mask(), include_special=False)
         rows.append(aggregate(f, include, how).float().cpu())  # type: ignore[arg-type]
     return torch.stack(rows).numpy()
 
@@ -167,15 +168,16 @@ def locations(
     features: list[int],
     per_hit: int,
 ) -> list[list[FeatureLocation]]:
-    """For each feature, its ``per_hit`` strongest active non-special (prompt, token) places."""
+    """For each feature, its ``per_hit`` strongest active (prompt, token) places among the
+    positions ``ls.aggregation_mask`` keeps."""
     found: list[list[tuple[float, int, int]]] = [[] for _ in features]  # (value, prompt, token)
     if per_hit == 0 or not features:
         return [[] for _ in features]
     cols = torch.tensor(features, device=residuals[0].device)
     for p, (x, enc) in enumerate(zip(residuals, encoded, strict=True)):
         f = ls.sae.encode(x)[:, cols].float()  # (T, H)
-        special = torch.tensor(enc.special_mask(), dtype=torch.bool, device=f.device)
-        f = f.masked_fill(special[:, None], 0.0)
+        keep = ls.aggregation_mask(x, enc.special_mask(), include_special=False)
+        f = f.masked_fill(~keep[:, None], 0.0)
         top = f.topk(min(per_hit, f.shape[0]), dim=0)  # (k, H)
         for h, (vals, toks) in enumerate(
             zip(top.values.T.tolist(), top.indices.T.tolist(), strict=True)

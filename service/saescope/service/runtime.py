@@ -114,6 +114,27 @@ class LoadedSae:
             self._unit_dec = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return self._unit_dec
 
+    def aggregation_mask(self, x: Tensor, special: list[bool], include_special: bool) -> Tensor:
+        """Positions ``(T,)`` that count when a prompt's features are aggregated over tokens.
+
+        Left out unless ``include_special``: special tokens, and the positions the SAE never saw
+        in training (the trainer records both rules in the checkpoint): the first
+        ``skip_first_positions`` of a prompt, where the attention sink sits (its residual norm
+        is ~100× the median on SmolLM2), and any position whose residual norm exceeds
+        ``outlier_norm_factor`` × the prompt's median. Such positions carry huge, meaningless
+        feature values that would top every aggregate and every contrast.
+        """
+        keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (T,)
+        if include_special:
+            return keep
+        keep &= ~torch.tensor(special, dtype=torch.bool, device=x.device)
+        keep[: int(self.meta.get("skip_first_positions") or 0)] = False
+        factor = self.meta.get("outlier_norm_factor")
+        if factor:
+            norms = x.float().norm(dim=-1)  # (T,)
+            keep &= norms <= float(factor) * norms.median()
+        return keep
+
     def info(self) -> SaeInfo:
         cfg = self.sae.cfg
         metrics = self.meta.get("metrics") or {}

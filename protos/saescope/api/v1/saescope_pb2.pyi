@@ -504,8 +504,10 @@ class GetFeatureActivationsRequest(_message.Message):
     aggregation: Global___Aggregation.ValueType
     """How to aggregate over tokens for top_k_aggregated (default MAX)."""
     include_special_tokens: _builtins.bool
-    """Include special tokens (BOS, template markers) in aggregation. Default false: their
-    residual streams are outliers that dominate every feature.
+    """Include every position in aggregation. Default false: special tokens (BOS, template
+    markers) and positions the SAE never saw in training (the first position, where the
+    attention sink sits, and residual-norm outliers, by the rules recorded in the SAE's
+    checkpoint) are left out — their huge values would dominate every feature.
     """
     @_builtins.property
     def prompts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prompt]:
@@ -986,7 +988,9 @@ class SearchFeaturesByContrastRequest(_message.Message):
     LOCATIONS_PER_HIT_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     aggregation: Global___Aggregation.ValueType
-    """How each feature is aggregated over a prompt's tokens (default MAX; SUM not allowed)."""
+    """How each feature is aggregated over a prompt's tokens (default MAX; SUM not allowed). The
+    same positions count as in GetFeatureActivations with include_special_tokens false.
+    """
     top_n: _builtins.int
     """Hits to return per direction (0 means 10; at most Limits.max_top_k)."""
     locations_per_hit: _builtins.int

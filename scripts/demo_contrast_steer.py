@@ -32,6 +32,14 @@ TOPICS: dict[str, list[str]] = {
         "Die Wellen des Meeres schlugen gegen die Küste.",
         "The lighthouse guided ships safely into the harbour at night.",
         "Surfers paddled out to catch the big waves off the coast.",
+        "The tide pools at low tide were full of crabs and starfish.",
+        "A sea breeze carried the smell of salt across the harbour.",
+        "The submarine dived beneath the surface of the Pacific Ocean.",
+        "Seagulls circled above the fishing boats returning to port.",
+        "The sailors raised the anchor and set sail for the islands.",
+        "Whales migrate thousands of miles across the ocean each year.",
+        "El barco navegaba por el mar tranquilo bajo la luna.",
+        "Il mare era calmo e le onde accarezzavano la spiaggia.",
     ],
     "other": [
         "The committee approved the new budget for the city schools.",
@@ -46,6 +54,14 @@ TOPICS: dict[str, list[str]] = {
         "Der Zug nach München hatte heute zwanzig Minuten Verspätung.",
         "The students studied for their chemistry exam in the library.",
         "The desert was hot and dry, with sand dunes stretching for miles.",
+        "The bank raised its interest rates for the third time this year.",
+        "My grandmother knits warm sweaters every winter.",
+        "The new smartphone has a faster processor and a better camera.",
+        "The hikers climbed the mountain trail through the pine forest.",
+        "The lawyer presented the evidence to the jury on Monday.",
+        "The kids played chess in the park after school.",
+        "El médico recomendó descansar y beber mucha agua.",
+        "La riunione del consiglio è stata rinviata a giovedì.",
     ],
 }
 
@@ -64,8 +80,10 @@ def main() -> None:
         "--strength",
         type=float,
         default=None,
-        help="clamp value; default: 2× the feature's max on the topic prompts",
+        help="clamp value; default: --times × the feature's max on the topic prompts",
     )
+    parser.add_argument("--feature", type=int, default=None, help="steer with this hit instead")
+    parser.add_argument("--times", type=float, default=1.0, help="clamp multiple of the max")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -82,20 +100,24 @@ def main() -> None:
                 f"mean {h.mean_positive:.2f} vs {h.mean_negative:.2f}"
                 f"  fires on {[loc.token for loc in h.locations]}"
             )
-        best = hits.positive_hits[0]
+        # Effect sizes are standardised; among the top hits, steer with the one that moves the
+        # most in absolute terms (a tiny-variance feature can top g with a small difference).
+        best = max(hits.positive_hits, key=lambda h: h.mean_difference)
+        if args.feature is not None:
+            best = next(h for h in hits.positive_hits if h.feature == args.feature)
         card = client.feature(best.feature, top_logits=10)
         print(f"\nfeature {best.feature} promotes: {[t.token for t in card.promoted]}")
         strength = (
             args.strength
             if args.strength is not None
-            else 2.0 * _max_on(client, best.feature, TOPICS[args.topic])
+            else args.times * _max_on(client, best.feature, TOPICS[args.topic])
         )
         print(f"clamping feature {best.feature} to {strength:.2f} on generated tokens\n")
         runs = []
         for prompt in NEUTRAL:
             result = client.generate(
                 prompt,
-                interventions=[clamp(best.feature, strength)],
+                interventions=[clamp(best.feature, strength, scope="generated")],
                 max_new_tokens=args.max_new_tokens,
                 temperature=0.0,
                 baseline=True,

@@ -19,6 +19,7 @@ from .paths import OVERLAYS
 
 WITH_SERVE_CONFIG = ("base", *OVERLAYS)
 SERVICER_FUNCTION = "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
+PROXY_PATCH_FUNCTION = "saescope.service.proxy_patch.install"
 IMPORT_PATH = "saescope.service.app:build_app"
 GRPC_PORT, HTTP_PORT = 9000, 8000
 APP_OWNED_OPTIONS = {
@@ -45,15 +46,19 @@ def test_is_a_valid_serve_deploy_schema(kustomization: str) -> None:
 def test_declares_the_saescope_app_and_grpc_proxy(kustomization: str) -> None:
     config = cluster.serve_config(kustomization)
     assert config["grpc_options"]["port"] == GRPC_PORT
-    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
+    assert config["grpc_options"]["grpc_servicer_functions"] == [
+        SERVICER_FUNCTION,
+        PROXY_PATCH_FUNCTION,
+    ]
     assert config["http_options"]["port"] == HTTP_PORT
     app = cluster.app_config(kustomization)
     assert (app["name"], app["route_prefix"], app["import_path"]) == ("saescope", "/", IMPORT_PATH)
     assert [d["name"] for d in app["deployments"]] == ["SaeScope"]
 
 
-def test_grpc_servicer_function_resolves() -> None:
-    assert callable(resolve(SERVICER_FUNCTION)), SERVICER_FUNCTION
+def test_grpc_servicer_functions_resolve() -> None:
+    for function in (SERVICER_FUNCTION, PROXY_PATCH_FUNCTION):
+        assert callable(resolve(function)), function
 
 
 def test_app_import_path_resolves() -> None:

@@ -23,7 +23,8 @@ def test_serve_configs_validate(path: Path) -> None:
     (app,) = schema.applications
     assert app.import_path == "saescope.service.app:build_app"
     assert schema.grpc_options.grpc_servicer_functions == [
-        "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
+        "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server",
+        "saescope.service.proxy_patch.install",
     ]
     cfg = load_app_config(app.args)
     assert cfg.saes and cfg.num_gpus == 0

@@ -50,6 +50,9 @@ from saescope.api.v1 import saescope_pb2_grpc as pb_grpc
 
 APP_NAME = "saescope"
 SERVICER = "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
+# grpc_options.grpc_servicer_functions: the servicer, then the proxy patch that makes a
+# client's cancellation of a stream reach the replica (saescope/service/proxy_patch.py).
+SERVICER_FUNCTIONS = [SERVICER, "saescope.service.proxy_patch.install"]
 TEST_API_KEY_ENV = "SAESCOPE_TEST_API_KEY"
 TEST_API_KEY = "test-key-0123456789"
 RELU, TOPK = "tiny-relu", "tiny-topk"
@@ -178,7 +181,7 @@ def start_serve(root: Path) -> Iterator[ServeInstance]:
         serve.start(
             proxy_location="HeadOnly",
             http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
         model_dir, saes = building.result()
         args = app_args(model_dir, saes)

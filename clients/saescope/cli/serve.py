@@ -26,6 +26,8 @@ DEFAULT_SAE_ID = "smollm2-135m-l15-relu"
 APP_NAME = "saescope"
 IMPORT_PATH = "saescope.service.app:build_app"
 SERVICER = "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
+# Run by Serve in its proxy after the servicer: makes cancelled streams reach the replica.
+PROXY_PATCH = "saescope.service.proxy_patch.install"
 TRAIN_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "smollm2-135m-cpu.yaml"
 
 
@@ -74,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
         serve.start(
             proxy_location="EveryNode",
             http_options={"host": plan.host, "port": plan.http_port},
-            grpc_options={"port": plan.grpc_port, "grpc_servicer_functions": [SERVICER]},
+            grpc_options={
+                "port": plan.grpc_port,
+                "grpc_servicer_functions": [SERVICER, PROXY_PATCH],
+            },
         )
         serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
         _print_usage(plan)

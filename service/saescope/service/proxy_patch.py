@@ -1,0 +1,114 @@
+"""Workaround for a Ray Serve gRPC proxy bug: a cancelled stream is not always cancelled.
+
+Listed in ``grpc_options.grpc_servicer_functions`` after ``add_SaeScopeServicer_to_server``;
+Serve imports and calls every function of that list in each proxy actor when it starts its gRPC
+server (``ray.serve._private.grpc_util.start_grpc_server``: ``fn(mock_servicer, server)``), so
+:func:`install` runs in the proxy process — the only place the bug can be fixed from outside.
+
+The bug (Ray 2.60.0). The proxy serves a server-streaming call with an async generator
+(``gRPCProxy.service_handler_factory.<locals>.unary_stream``) that the grpc aio server iterates
+in the call's task, writing each message before asking for the next. When the client cancels,
+grpc cancels that task, and the ``CancelledError`` lands wherever the task is suspended:
+
+- in the generator, awaiting the replica's next result: ``ProxyResponseGenerator.__anext__``
+  catches it and calls ``DeploymentResponseGenerator.cancel()``: the replica's request is
+  cancelled (its async generator is closed, and saescope stops decoding);
+- in grpc's own ``servicer_context.write`` (the generator suspended at ``yield``, the usual case
+  when messages come quickly): the generator is merely abandoned. Nothing calls ``cancel()`` —
+  when it is finally garbage-collected, ``aclose()`` throws ``GeneratorExit`` at the ``yield``
+  of ``gRPCProxy.send_request_to_replica``, whose ``except BaseException`` swallows it — so the
+  replica never learns and decodes to the end (and the proxy counts it as in flight).
+
+The fix: in gRPC calls, Serve's ``ProxyResponseGenerator`` is replaced by a subclass that
+registers a done callback on the task it is created in (the gRPC call's task). When that task
+ends — completed, failed or cancelled — and the response was neither consumed to its end nor
+cancelled, the callback cancels it, exactly as ``__anext__`` would have. Calls that complete
+are untouched (their response is ``_done``); HTTP requests are untouched (the subclass only arms
+itself inside ``gRPCProxy.send_request_to_replica``, marked by a context variable of the call's
+task). Unary gRPC calls are already handled by ``__anext__`` (their task is always suspended in
+it); for them the callback does nothing.
+
+The patch is idempotent and version-guarded: it applies only to the Ray versions whose proxy
+code it was checked against (``SUPPORTED_RAY_VERSIONS``) and whose patched attributes exist;
+otherwise it logs a warning and changes nothing (cancellation then works as well as Ray's does).
+Re-check ``proxy.py``/``proxy_response_generator.py`` before adding a version — and drop this
+module once Ray cancels abandoned gRPC streams itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+from typing import Any
+
+logger = logging.getLogger("ray.serve")  # Serve's logger: the proxy's log file
+
+SUPPORTED_RAY_VERSIONS = frozenset({"2.60.0"})
+_MARK = "_saescope_cancel_abandoned_grpc_streams"
+
+# True in the task of a gRPC call once the proxy sends its request to a replica.
+_IN_GRPC_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "saescope_in_grpc_call", default=False
+)
+
+
+def install(servicer: Any = None, server: Any = None) -> bool:
+    """Patch Serve's gRPC proxy (see the module's docstring). A ``grpc_servicer_functions``
+    entry: Serve calls it with a mock servicer and the proxy's gRPC server, both unused.
+    Returns whether the patch is in place."""
+    try:
+        import ray
+        from ray.serve._private import proxy
+    except ImportError:  # not in a Ray process: nothing to patch
+        logger.warning("saescope proxy_patch: Ray Serve is not importable; not patched")
+        return False
+    if getattr(proxy, _MARK, False):
+        return True
+    base: Any = getattr(proxy, "ProxyResponseGenerator", None)
+    grpc_proxy: Any = getattr(proxy, "gRPCProxy", None)
+    send: Any = getattr(grpc_proxy, "send_request_to_replica", None)
+    if ray.__version__ not in SUPPORTED_RAY_VERSIONS or base is None or send is None:
+        logger.warning(
+            "saescope proxy_patch: not patching Ray %s (checked against %s): a client's "
+            "cancellation of a gRPC stream may not reach the replica",
+            ray.__version__,
+            ", ".join(sorted(SUPPORTED_RAY_VERSIONS)),
+        )
+        return False
+
+    class CancelAbandonedResponseGenerator(base):  # type: ignore[misc]
+        """``ProxyResponseGenerator`` that cancels its response if the gRPC call's task ends
+        before the response was consumed to its end."""
+
+        _done: bool  # set by Serve's __init__ and __anext__
+        _response: Any
+
+        def __init__(self, response: Any, **kwargs: Any) -> None:
+            super().__init__(response, **kwargs)
+            task = asyncio.current_task() if _IN_GRPC_CALL.get() else None
+            if task is not None:
+                task.add_done_callback(self._cancel_if_abandoned)
+
+        def _cancel_if_abandoned(self, _task: asyncio.Task[Any]) -> None:
+            if self._done or self._response.cancelled():
+                return
+            self._done = True
+            try:
+                self._response.cancel()
+            except Exception:  # best effort, like Serve's own cancel on disconnect
+                logger.exception("saescope proxy_patch: cancelling an abandoned stream failed")
+
+    @functools.wraps(send)
+    def send_request_to_replica(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Runs in the gRPC call's task (it's called from the body of `proxy_request`, an
+        # async generator that task iterates); the variable lives in that task's context.
+        _IN_GRPC_CALL.set(True)
+        return send(self, *args, **kwargs)
+
+    proxy.ProxyResponseGenerator = CancelAbandonedResponseGenerator  # type: ignore[misc]
+    grpc_proxy.send_request_to_replica = send_request_to_replica
+    setattr(proxy, _MARK, True)
+    logger.info("saescope proxy_patch: cancelled gRPC streams now cancel their replica request")
+    return True

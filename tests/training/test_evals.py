@@ -259,6 +259,21 @@ def test_first_positions_stay_clean(tiny: tuple[Any, Any]) -> None:
     assert run(skip_first=0).tokens == run(skip_first=1).tokens + firsts
 
 
+def test_norm_outliers_stay_clean(tiny: tuple[Any, Any]) -> None:
+    """The trainer's outlier rule: positions above factor × the batch's median norm are left
+    out. A factor of 1 leaves out about half the positions; a huge one, none."""
+    model, tok = tiny
+    sae = random_sae()
+
+    def run(**kw: Any) -> evals.EvalResult:
+        return evals.evaluate(model, tok, sae, HOOK, TEXTS, context_size=16, batch_size=64, **kw)
+
+    everything = run().tokens
+    assert run(outlier_norm_factor=1e6).tokens == everything
+    half = run(outlier_norm_factor=1.0).tokens
+    assert 0.3 * everything < half < 0.7 * everything
+
+
 # ---- errors --------------------------------------------------------------------------------------
 def test_clear_errors(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny

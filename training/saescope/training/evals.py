@@ -200,13 +200,17 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     prepend_bos: bool = False,
     skip_first: int = 1,
+    outlier_norm_factor: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Evaluate ``sae`` (model units) at ``hookpoint`` of ``model`` on ``texts``.
 
     The first ``skip_first`` positions of every window stay clean like special ones (the
     trainer's ``skip_first_positions``: a window's first token is an attention sink whose
-    residual is far off the distribution). ``progress`` gets each batch's model-token count.
+    residual is far off the distribution). Likewise, with ``outlier_norm_factor`` (the trainer's
+    rule), positions whose residual norm exceeds that factor × the batch's median stay clean:
+    the SAE never trained on them, and one such token can hold most of a batch's Σ‖x‖².
+    ``progress`` gets each batch's model-token count.
     """
     hookpoint = check_fit(model, sae, hookpoint)
     device = next(model.parameters()).device
@@ -221,7 +225,7 @@ def evaluate(
         ids, attn = ids.to(device), attn.to(device)
         sae_pos = attn & ~torch.isin(ids, special)  # (B, T) positions the SAE reads and replaces
         sae_pos[:, :skip_first] = False
-        _eval_batch(model, sae, hookpoint, ids, attn, sae_pos, acc)
+        _eval_batch(model, sae, hookpoint, ids, attn, sae_pos, acc, outlier_norm_factor)
         acc.count_batch(int(attn.sum()), ids.shape[0])
         if progress is not None:
             progress(int(attn.sum()))
@@ -240,6 +244,7 @@ def _eval_batch(
     attn: Tensor,
     sae_pos: Tensor,
     acc: _Accumulator,
+    outlier_norm_factor: float | None = None,
 ) -> None:
     """Clean pass (capturing x), SAE on x, spliced pass, zero-ablated pass; accumulate.
 
@@ -256,6 +261,9 @@ def _eval_batch(
         raise ValueError(
             f"d_in: the SAE reads d_in={sae.cfg.d_in} but {hookpoint} outputs width {h.shape[-1]}"
         )
+    if outlier_norm_factor and bool(sae_pos.any()):
+        norms = h.float().norm(dim=-1)  # (B, T)
+        sae_pos = sae_pos & (norms <= outlier_norm_factor * norms[sae_pos].median())
     x = h[sae_pos].to(sae.W_enc.dtype)  # (N, d_in)
     x_hat, f = sae(x)  # (N, d_in), (N, d_sae)
     acc.add_reconstruction(x, x_hat, f)
@@ -434,6 +442,8 @@ def evaluate_checkpoint(
     prepend_bos = bool(_from_meta(meta, "prepend_bos"))
     skip_first = _from_meta(meta, "skip_first_positions")
     skip_first = 1 if skip_first is None else int(skip_first)
+    outlier = _from_meta(meta, "outlier_norm_factor")
+    outlier = None if outlier is None else float(outlier)
     from saescope.training.data import iter_texts
 
     result = evaluate(
@@ -447,6 +457,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         prepend_bos=prepend_bos,
         skip_first=skip_first,
+        outlier_norm_factor=outlier,
         progress=progress,
     )
     result.info = {
@@ -459,8 +470,10 @@ def evaluate_checkpoint(
         "context_size": int(context_size),
         "prepend_bos": prepend_bos,
         "skip_first_positions": skip_first,
+        "outlier_norm_factor": outlier,
         "dtype": str(dtype).removeprefix("torch."),
-        "special_positions": "clean (not encoded, not spliced, not zeroed)",
+        "special_positions": "clean (not encoded, not spliced, not zeroed); so are the first "
+        "skip_first_positions of a window and residual-norm outliers",
     }
     return result
 

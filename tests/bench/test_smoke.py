@@ -1,0 +1,93 @@
+"""The benchmark scripts still run: tiny model, ``--quick`` sizes, results in a temporary folder.
+
+Nothing here measures speed (DESIGN §9: targets live in ``bench/``, never as timed assertions);
+it checks that every script produces a result file with rows, and that the report renders.
+The serving benches run against the session's tiny Serve instance (``serve_instance``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import (
+    common,
+    report,
+    serve_activations,
+    serve_contrast,
+    serve_memory,
+    serve_overhead,
+    serve_steering,
+    serve_streams,
+    train_data,
+    train_quality,
+    train_speed,
+)
+from bench.launcher import ServeSetup
+from tests.service.engine_fixtures import build_tiny_model
+from tests.support.serve import ServeInstance
+
+SERVE = (
+    serve_overhead,
+    serve_activations,
+    serve_steering,
+    serve_streams,
+    serve_contrast,
+    serve_memory,
+)
+
+
+def _check(out: Path, name: str) -> dict:
+    res = json.loads((out / f"{name}.json").read_text())
+    assert res["name"] == name
+    assert res["rows"], f"{name}: no rows"
+    assert res["machine"]["nproc"] >= 1
+    for t in res["targets"]:
+        assert isinstance(t["met"], bool)
+    return res
+
+
+def test_train_benches_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_data, "cache_dir", lambda: tmp_path / "cache")
+    model = build_tiny_model(tmp_path / "model", num_layers=2)
+    out = tmp_path / "out"
+    flags = ["--quick", "--out", str(out), "--model", str(model), "--hookpoint", "model.layers.1"]
+    for bench in (train_speed, train_quality):
+        bench.main(flags)
+        _check(out, bench.NAME)
+
+
+def test_serve_benches_run(serve_instance: ServeInstance, tmp_path: Path) -> None:
+    sae_id = serve_instance.default_sae_id
+    setup = ServeSetup(
+        grpc_target=serve_instance.grpc_target,
+        application=serve_instance.app_name,
+        model=str(serve_instance.model_dir),
+        sae_id=sae_id,
+        sae_path=serve_instance.sae_paths[sae_id],
+    )
+    args = common.base_parser("").parse_args(["--quick", "--out", str(tmp_path)])
+    for bench in SERVE:
+        bench.measure(setup, args)
+        _check(tmp_path, bench.NAME)
+
+
+def test_report_renders_results(tmp_path: Path) -> None:
+    res = {
+        "name": "serve_contrast",
+        "title": "t",
+        "machine": common.machine_info(),
+        "params": {"rounds": 1},
+        "rows": [{"case": "a", "seconds (median)": 1.0, "ratio": 1.0}],
+        "targets": [common.Target("x", 1.1, 1.3, "<=").to_json()],
+        "series": {"activations": [1.0], "contrast": [1.1]},
+    }
+    block = report.bench_block(res)
+    assert "| case |" in block and "**met**" in block
+    doc = report.replace_block(
+        "# t\n\n<!-- bench:begin a -->\nold\n<!-- bench:end a -->\n", "a", "new"
+    )
+    assert "new" in doc and "old" not in doc
+    assert report.plot(res, tmp_path) == tmp_path / "serve_contrast.png"

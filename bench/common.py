@@ -3,6 +3,7 @@
 A result file (``bench/results/<name>.json``) holds::
 
     {"name": ..., "title": ..., "machine": {...}, "params": {...},
+     "caption": "...",                             # optional heading of the table below
      "rows": [{column: value, ...}, ...],          # the table BENCHMARKS.md shows
      "tables": {heading: rows, ...},               # further tables, if any
      "targets": [{"metric", "value", "target", "op", "met", "note"}, ...],
@@ -197,6 +198,7 @@ def write_result(
     series: dict[str, Any] | None = None,
     machine: dict[str, Any] | None = None,
     tables: dict[str, list[dict[str, Any]]] | None = None,
+    caption: str = "",
 ) -> Path:
     """Write ``<out_dir>/<name>.json`` (see the module docstring)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,7 @@ def write_result(
         "title": title,
         "machine": machine or machine_info(),
         "params": params,
+        "caption": caption,
         "rows": rows,
         "tables": tables or {},
         "targets": [t.to_json() for t in targets],

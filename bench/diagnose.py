@@ -15,7 +15,8 @@ by patching or subclassing it **in this process only** (nothing under ``service/
   statistics (``count`` of active features per feature with one reduction, reused for L0 and
   "fired"), (2) topk: ``b_dec`` folded into the encoder bias (``(x − b_dec)·W_enc`` =
   ``x·W_enc − b_dec·W_enc``, so autograd no longer needs the (N, d_in) input gradient), (3) topk:
-  the decoder through ``embedding_bag`` over the k active features instead of a dense matmul.
+  the decoder through ``embedding_bag`` over the k active features instead of a dense matmul;
+  (4) biases added inside the matmuls (``addmm``). The variants are cumulative.
   SAELens's trainer runs in the same rounds for the ratio.
 
     python -m bench.diagnose
@@ -196,16 +197,21 @@ class CountingWindow(MetricsWindow):
         self.tokens += len(x)
 
 
-class FoldedSAE(SAE):
-    """topk with ``b_dec`` folded into the encoder bias: no (N, d_in) input gradient."""
+class FusedSAE(SAE):
+    """Biases added inside the matmuls (``addmm``): no separate (N, d_sae) and (N, d_in) adds;
+    topk also folds ``b_dec`` into the encoder bias, so autograd needs no (N, d_in) input
+    gradient — (x − b_dec)·W_enc = x·W_enc − b_dec·W_enc."""
 
     def encode_pre(self, x: Tensor) -> Tensor:
         if self.cfg.architecture == "topk":
             return torch.addmm(self.b_enc - self.b_dec @ self.W_enc, x, self.W_enc)
         return torch.addmm(self.b_enc, x, self.W_enc)
 
+    def decode(self, f: Tensor) -> Tensor:
+        return torch.addmm(self.b_dec, f, self.W_dec)
 
-class SparseDecoderSAE(FoldedSAE):
+
+class SparseDecoderSAE(FusedSAE):
     """topk whose decoder sums the k active rows of W_dec (``embedding_bag``), not a matmul."""
 
     _top: tuple[Tensor, Tensor] | None = None
@@ -255,11 +261,15 @@ def train_variant(spec: Spec, x: Tensor, sae_cls: type[SAE], counting: bool) -> 
 
 
 VARIANTS: dict[str, list[tuple[str, type[SAE], bool]]] = {
-    "relu": [("as is", SAE, False), ("+ one-pass stats", SAE, True)],
+    "relu": [
+        ("as is", SAE, False),
+        ("+ one-pass stats", SAE, True),
+        ("+ addmm", FusedSAE, True),
+    ],
     "topk": [
         ("as is", SAE, False),
         ("+ one-pass stats", SAE, True),
-        ("+ b_dec folded", FoldedSAE, True),
+        ("+ addmm, b_dec folded", FusedSAE, True),
         ("+ sparse decoder", SparseDecoderSAE, True),
     ],
 }
@@ -324,19 +334,23 @@ def measure(args: argparse.Namespace) -> None:
         gen = engine_generation(sae, max_new_tokens=8 if args.quick else 64, rounds=rounds + 1)
     if args.quick:
         x, _ = train_data.activations(4096, 1024, model=args.model, hookpoint=args.hookpoint)
-        train = training_steps(x, d_sae=256, batch_size=256, timed=2, rounds=rounds)
+        d_sae, batch = 256, 256
     else:
         x, _ = train_data.activations(train_data.N_TRAIN, train_data.N_EVAL)
-        train = training_steps(x, d_sae=4096, batch_size=4096, timed=4, rounds=rounds)
+        d_sae, batch = 4096, 4096
+    train = training_steps(
+        x, d_sae=d_sae, batch_size=batch, timed=2 if args.quick else 4, rounds=rounds
+    )
     common.write_result(
         args.out,
         NAME,
         title="Diagnostics: product changes prototyped in the bench process",
         params={"rounds": rounds, "activation_tokens": acts["tokens"], "threads": args.threads},
+        caption=f"Activations in process (no service), {n} prompts in arrival batches of 16",
         rows=acts["rows"],
         tables={
-            "One stream, in process (no service)": gen["rows"],
-            "Training step, d_sae 4096, batch 4096 (quick: 256, 256)": train["rows"],
+            "One stream in process (no service)": gen["rows"],
+            f"Training step, d_sae {d_sae}, batch {batch}": train["rows"],
         },
         series={
             "activations": acts["series"],

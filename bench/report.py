@@ -63,8 +63,10 @@ def bench_block(res: Result) -> str:
         f"_{m['date']}, commit `{m['commit']}`, load average {m['loadavg'][0]} at start; "
         f"{params}._",
         "",
-        table(res["rows"]),
     ]
+    if res.get("caption"):
+        lines += [f"{res['caption']}:", ""]
+    lines.append(table(res["rows"]))
     for heading, rows in res.get("tables", {}).items():
         lines += ["", f"{heading}:", "", table(rows)]
     if res["targets"]:
@@ -80,7 +82,7 @@ def _target_rows(targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "metric": t["metric"],
             "measured": round(t["value"], 3),
             "target": f"{t['op']} {t['target']:g}",
-            "": _met(t),
+            "verdict": _met(t),
             "note": t.get("note") or "",
         }
         for t in targets
@@ -181,7 +183,7 @@ def plot_serve_overhead(res: Result, ax: Any) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency ms")
     ax.set_ylabel("fraction of calls")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower center")
     ax.set_title("per-call latency (CDF)")
 
 

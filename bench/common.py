@@ -239,6 +239,41 @@ def finish(args: argparse.Namespace) -> None:
     report.main([])
 
 
+def write_run(
+    args: argparse.Namespace,
+    name: str,
+    res: Mapping[str, Any],
+    *,
+    title: str,
+    threads_key: str = "threads",
+) -> Path:
+    """``write_result`` of what a bench's ``run`` returned (``params``, ``rows``, ``series`` and
+    optional ``targets``) into ``args.out``, with ``args.threads`` added to the params as
+    ``threads_key``."""
+    return write_result(
+        args.out,
+        name,
+        title=title,
+        params=res["params"] | {threads_key: args.threads},
+        rows=res["rows"],
+        targets=res.get("targets", ()),
+        series=res["series"],
+    )
+
+
+def bench_main(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    measure: Callable[[argparse.Namespace], None],
+) -> None:
+    """A bench's command line: parse ``argv``, set the torch threads, ``measure`` (which writes
+    the result), then refresh the report (``finish``)."""
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    measure(args)
+    finish(args)
+
+
 # ---- prompts from the default corpus ------------------------------------------------------------
 def documents(path: Path = DEFAULT_CORPUS) -> list[str]:
     """The corpus's documents (real text in several languages + code), in file order."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from bench import common, train_data
 from bench.baseline import Loaded, hand_activations, hf_generate, timing
-from bench.trainers import Spec, train_saelens
+from bench.trainers import Spec, saescope_trainer, train_saelens
 from saescope.training.metrics import FeatureStats, MetricsWindow
 from saescope.training.sae import SAE
 
@@ -236,23 +236,9 @@ class SparseDecoderSAE(FusedSAE):
 
 def train_variant(spec: Spec, x: Tensor, sae_cls: type[SAE], counting: bool) -> list[float]:
     """saescope's Trainer with the given SAE class and statistics; the timed steps' durations."""
-    from saescope.training.config import TrainSection
-    from saescope.training.sae import SAEConfig
-    from saescope.training.trainer import Trainer
-
-    cfg = TrainSection(
-        total_tokens=spec.tokens,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        l1_coefficient=spec.l1,
-        scale_batches=spec.scale_batches,
-    )
-    k = spec.k if spec.arch == "topk" else None
-    sae = sae_cls(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
-    sae.init_weights(torch.Generator().manual_seed(spec.seed))
-    trainer = Trainer(sae, cfg, total_steps=spec.steps)
+    trainer = saescope_trainer(spec, sae_cls)
     if counting:
-        stats = CountingStats(spec.d_sae, cfg.dead_window_tokens)
+        stats = CountingStats(spec.d_sae, trainer.cfg.dead_window_tokens)
         trainer.features = stats
         trainer.window = CountingWindow(spec.d_in, stats)
     batches = train_data.Batches(x, spec.batch_size)
@@ -309,11 +295,7 @@ def training_steps(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = train_data.parser(__doc__ or "")
-    args = p.parse_args(argv)
-    common.set_threads(args.threads)
-    measure(args)
-    common.finish(args)
+    common.bench_main(train_data.parser(__doc__ or ""), argv, measure)
 
 
 def measure(args: argparse.Namespace) -> None:

@@ -6,20 +6,22 @@ this module imports from there), but with any app arguments: by default SmolLM2-
 and one random SAE of 4096 features at ``model.layers.15`` (speed does not depend on training).
 
 A serving bench takes a :class:`ServeSetup`, so it runs the same against this launcher
-(``python -m bench.serve_activations``) and against the tests' tiny instance (the smoke test).
+(``python -m bench.serve_activations``, through :func:`serve_main`) and against the tests' tiny
+instance (the smoke test).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_HOOKPOINT, build_random_sae
+from bench.common import DEFAULT_HOOKPOINT, base_parser, bench_main, build_random_sae
 from tests.support.serve import SERVICER_FUNCTIONS, _wait_for_grpc, _wait_for_http, free_port
 
 APP_NAME = "saescope"
@@ -76,6 +78,21 @@ def serve_default(*, torch_threads: int = 1) -> Iterator[ServeSetup]:
         )
         with start_app(app_args(sae, torch_threads=torch_threads)) as target:
             yield ServeSetup(target, APP_NAME, "default", BENCH_SAE_ID, sae)
+
+
+def serve_main(
+    argv: list[str] | None,
+    description: str,
+    measure: Callable[[ServeSetup, argparse.Namespace], None],
+) -> None:
+    """A serving bench's command line: the common flags, then ``measure`` against the default
+    model and a random SAE served locally (``serve_default``), then the report refreshed."""
+
+    def served(args: argparse.Namespace) -> None:
+        with serve_default(torch_threads=args.threads) as setup:
+            measure(setup, args)
+
+    bench_main(base_parser(description), argv, served)
 
 
 @contextmanager

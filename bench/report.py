@@ -204,25 +204,24 @@ def plot_train_speed(res: Result, ax: Any) -> None:
     ax.set_title("SAE training speed (same activations)")
 
 
+def _l0_fvu(points: list[dict[str, Any]], trainer: str, arch: str) -> list[tuple[float, float]]:
+    """``(L0, FVU)`` of the quality points of one trainer and architecture, in series order."""
+    return [
+        (p["l0"], p["fvu"]) for p in points if p["trainer"] == trainer and p["architecture"] == arch
+    ]
+
+
 def plot_train_quality(res: Result, ax: Any) -> None:
     pts = res["series"]["points"]
     for trainer, marker in (("saescope", "o"), ("SAELens", "s")):
-        relu = sorted(
-            (p["l0"], p["fvu"])
-            for p in pts
-            if p["trainer"] == trainer and p["architecture"] == "relu"
-        )
+        relu = sorted(_l0_fvu(pts, trainer, "relu"))
         ax.plot(
             [a for a, _ in relu],
             [b for _, b in relu],
             marker + "-",
             label=f"{trainer} relu (λ sweep)",
         )
-        topk = [
-            (p["l0"], p["fvu"])
-            for p in pts
-            if p["trainer"] == trainer and p["architecture"] == "topk"
-        ]
+        topk = _l0_fvu(pts, trainer, "topk")
         ax.plot(
             [a for a, _ in topk],
             [b for _, b in topk],

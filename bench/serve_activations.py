@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import common
 from bench.baseline import Loaded, hand_activations
-from bench.launcher import ServeSetup, serve_default
+from bench.launcher import ServeSetup, serve_main
 
 NAME = "serve_activations"
 TARGET_RATIO = 0.8
@@ -125,12 +125,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = common.base_parser(__doc__ or "")
-    args = p.parse_args(argv)
-    common.set_threads(args.threads)
-    with serve_default(torch_threads=args.threads) as setup:
-        measure(setup, args)
-    common.finish(args)
+    serve_main(argv, __doc__ or "", measure)
 
 
 def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
@@ -141,15 +136,7 @@ def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
         sizes = {"n_prompts": 64, "min_tokens": 16, "max_tokens": 128, "concurrencies": (1, 4, 16)}
     rounds = args.rounds or (1 if args.quick else 5)
     res = run(setup, rounds=rounds, **sizes)  # type: ignore[arg-type]
-    common.write_result(
-        args.out,
-        NAME,
-        title="Feature activations: gRPC service vs by hand",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
-    )
+    common.write_run(args, NAME, res, title="Feature activations: gRPC service vs by hand")
 
 
 if __name__ == "__main__":

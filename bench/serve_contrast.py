@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import common
 from bench.baseline import tokenizer_for
-from bench.launcher import ServeSetup, serve_default
+from bench.launcher import ServeSetup, serve_main
 
 NAME = "serve_contrast"
 TARGET_RATIO = 1.3
@@ -80,23 +80,11 @@ def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
         res = run(setup, per_side=4, min_tokens=8, max_tokens=24, rounds=rounds)
     else:
         res = run(setup, per_side=64, min_tokens=16, max_tokens=64, rounds=rounds)
-    common.write_result(
-        args.out,
-        NAME,
-        title="Contrast search vs the same prompts' activations",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
-    )
+    common.write_run(args, NAME, res, title="Contrast search vs the same prompts' activations")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.base_parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    with serve_default(torch_threads=args.threads) as setup:
-        measure(setup, args)
-    common.finish(args)
+    serve_main(argv, __doc__ or "", measure)
 
 
 if __name__ == "__main__":

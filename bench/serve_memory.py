@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import common
 from bench.baseline import tokenizer_for
-from bench.launcher import ServeSetup, replica_pid, rss_bytes, serve_default
+from bench.launcher import ServeSetup, replica_pid, rss_bytes, serve_main
 
 NAME = "serve_memory"
 MIB = 2**20
@@ -153,23 +153,17 @@ def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
         if args.quick
         else run(setup, calls=10_000, every=1000)
     )
-    common.write_result(
-        args.out,
+    common.write_run(
+        args,
         NAME,
+        res,
         title="Replica memory (RSS) and its growth over many calls",
-        params=res["params"] | {"torch_threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
+        threads_key="torch_threads",
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.base_parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    with serve_default(torch_threads=args.threads) as setup:
-        measure(setup, args)
-    common.finish(args)
+    serve_main(argv, __doc__ or "", measure)
 
 
 if __name__ == "__main__":

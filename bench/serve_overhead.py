@@ -21,7 +21,7 @@ import grpc
 
 from bench import common
 from bench.baseline import tokenizer_for
-from bench.launcher import ServeSetup, serve_default
+from bench.launcher import ServeSetup, serve_main
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.api.v1 import saescope_pb2_grpc as pb_grpc
 from tests.support.serve import _wait_for_grpc
@@ -105,22 +105,11 @@ def _run(setup: ServeSetup, calls: int, noop_md: tuple[tuple[str, str], ...]) ->
 
 def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
     res = run(setup, calls=50 if args.quick else 500)
-    common.write_result(
-        args.out,
-        NAME,
-        title="Per-call overhead of the gRPC + Ray Serve path",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        series=res["series"],
-    )
+    common.write_run(args, NAME, res, title="Per-call overhead of the gRPC + Ray Serve path")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.base_parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    with serve_default(torch_threads=args.threads) as setup:
-        measure(setup, args)
-    common.finish(args)
+    serve_main(argv, __doc__ or "", measure)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import common
 from bench.baseline import GenTiming, Loaded, hf_generate, timing
-from bench.launcher import ServeSetup, serve_default
+from bench.launcher import ServeSetup, serve_main
 
 NAME = "serve_steering"
 TARGET_RATIO = 0.9
@@ -101,23 +101,13 @@ def run(setup: ServeSetup, *, max_new_tokens: int, rounds: int) -> dict[str, Any
 def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
     rounds = args.rounds or (1 if args.quick else 5)
     res = run(setup, max_new_tokens=8 if args.quick else 64, rounds=rounds)
-    common.write_result(
-        args.out,
-        NAME,
-        title="Steered generation, one stream: gRPC service vs model.generate",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
+    common.write_run(
+        args, NAME, res, title="Steered generation, one stream: gRPC service vs model.generate"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.base_parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    with serve_default(torch_threads=args.threads) as setup:
-        measure(setup, args)
-    common.finish(args)
+    serve_main(argv, __doc__ or "", measure)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import common
 from bench.baseline import timing, tokenizer_for
-from bench.launcher import ServeSetup, serve_default
+from bench.launcher import ServeSetup, serve_main
 
 NAME = "serve_streams"
 TARGET_RATIO = 5.0
@@ -114,23 +114,16 @@ def measure(setup: ServeSetup, args: argparse.Namespace) -> None:
         res = run(setup, streams=(1, 4), max_new_tokens=6, rounds=rounds)
     else:
         res = run(setup, streams=(1, 4, 16), max_new_tokens=48, rounds=rounds)
-    common.write_result(
-        args.out,
+    common.write_run(
+        args,
         NAME,
+        res,
         title="Concurrent steered streams (different interventions): aggregate tokens/s",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.base_parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    with serve_default(torch_threads=args.threads) as setup:
-        measure(setup, args)
-    common.finish(args)
+    serve_main(argv, __doc__ or "", measure)
 
 
 if __name__ == "__main__":

@@ -133,22 +133,16 @@ def measure(args: argparse.Namespace) -> None:
             train_data.N_TRAIN, train_data.N_EVAL, model=args.model, hookpoint=args.hookpoint
         )
         res = run(x, x_eval, d_sae=2048, batch_size=1024, steps=192, lr=1e-3, lambdas=LAMBDAS, k=32)
-    common.write_result(
-        args.out,
+    common.write_run(
+        args,
         NAME,
+        res,
         title="SAE quality at equal tokens: FVU at matched L0 (held-out activations)",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = train_data.parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    measure(args)
-    common.finish(args)
+    common.bench_main(train_data.parser(__doc__ or ""), argv, measure)
 
 
 if __name__ == "__main__":

@@ -136,22 +136,13 @@ def measure(args: argparse.Namespace) -> None:
             train_data.N_TRAIN, train_data.N_EVAL, model=args.model, hookpoint=args.hookpoint
         )
         res = run(x, d_sae=4096, batch_size=4096, timed=6, rounds=args.rounds or 3, archs=ARCHS)
-    common.write_result(
-        args.out,
-        NAME,
-        title="SAE training speed: saescope vs SAELens (same activations)",
-        params=res["params"] | {"threads": args.threads},
-        rows=res["rows"],
-        targets=res["targets"],
-        series=res["series"],
+    common.write_run(
+        args, NAME, res, title="SAE training speed: saescope vs SAELens (same activations)"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = train_data.parser(__doc__ or "").parse_args(argv)
-    common.set_threads(args.threads)
-    measure(args)
-    common.finish(args)
+    common.bench_main(train_data.parser(__doc__ or ""), argv, measure)
 
 
 if __name__ == "__main__":

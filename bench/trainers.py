@@ -22,13 +22,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from bench.train_data import Batches
+
+if TYPE_CHECKING:
+    from saescope.training.sae import SAE
+    from saescope.training.trainer import Trainer
 
 Arch = Literal["relu", "topk"]
 SCALE_BATCHES = 8
@@ -69,7 +73,9 @@ class Run:
     reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-def train_saescope(spec: Spec, x: Tensor) -> Run:
+def saescope_trainer(spec: Spec, sae_cls: type[SAE] | None = None) -> Trainer:
+    """saescope's Trainer with ``spec``'s hyperparameters on a fresh SAE of class ``sae_cls``
+    (default ``SAE``), its weights initialised from ``spec.seed``."""
     from saescope.training.config import TrainSection
     from saescope.training.sae import SAE, SAEConfig
     from saescope.training.trainer import Trainer
@@ -83,9 +89,13 @@ def train_saescope(spec: Spec, x: Tensor) -> Run:
         seed=spec.seed,
     )
     k = spec.k if spec.arch == "topk" else None
-    sae = SAE(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
+    sae = (sae_cls or SAE)(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
     sae.init_weights(torch.Generator().manual_seed(spec.seed))
-    trainer = Trainer(sae, cfg, total_steps=spec.steps)
+    return Trainer(sae, cfg, total_steps=spec.steps)
+
+
+def train_saescope(spec: Spec, x: Tensor) -> Run:
+    trainer = saescope_trainer(spec)
     batches = Batches(x, spec.batch_size)
     trainer.fit(batches)
     end = time.perf_counter()

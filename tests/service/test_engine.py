@@ -169,8 +169,11 @@ def test_activation_summaries(engine: Engine) -> None:
 
 
 def test_activations_many_one_forward_errors_in_place(engine: Engine, monkeypatch) -> None:
+    from saescope.service import activations
     from saescope.training import models
 
+    # A forward costing more than any padding: all the valid prompts go into one.
+    monkeypatch.setitem(activations.FORWARD_COST_TOKENS, "cpu", 10**6)
     calls = []
     real = models.run_to_hookpoints
 
@@ -194,6 +197,50 @@ def test_activations_many_one_forward_errors_in_place(engine: Engine, monkeypatc
     assert isinstance(out[2], t.ActivationsResult) and out[2].sae_id == "topk"
     single = engine.activations(reqs[2]).prompts[0].feature_values
     np.testing.assert_allclose(out[2].prompts[0].feature_values, single, atol=1e-5)
+
+
+def _set_partitions(items: list[int]):
+    """Every partition of ``items`` into non-empty groups."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _set_partitions(rest):
+        yield [[first], *part]
+        for g in range(len(part)):
+            yield [*part[:g], [first, *part[g]], *part[g + 1 :]]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_length_chunks_are_the_cheapest_split(seed: int) -> None:
+    """``_chunks`` against brute force over every partition of up to 7 prompts."""
+    from saescope.service.activations import _chunks
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 8))
+    lengths = [int(v) for v in rng.integers(1, 40, n)]
+    max_tokens, cost = int(rng.integers(40, 120)), int(rng.choice([0, 4, 16, 64]))
+    ids = [[7] * m for m in lengths]
+
+    def price(groups: list[list[int]]) -> float:
+        padded = [max(lengths[i] for i in g) * len(g) for g in groups]
+        if any(p > max_tokens and len(g) > 1 for p, g in zip(padded, groups, strict=True)):
+            return float("inf")
+        return sum(padded) + cost * len(groups)
+
+    got = _chunks(ids, max_tokens, cost)
+    assert sorted(i for g in got for i in g) == list(range(n))  # each prompt exactly once
+    assert price(got) < float("inf")  # within the padded-token limit
+    assert price(got) == min(price(p) for p in _set_partitions(list(range(n))))
+
+
+def test_length_chunks_group_similar_lengths() -> None:
+    from saescope.service.activations import _chunks
+
+    ids = [[1] * m for m in (100, 10, 98, 12, 99, 11)]
+    assert sorted(sorted(g) for g in _chunks(ids, 10_000, 16)) == [[0, 2, 4], [1, 3, 5]]
+    assert _chunks(ids, 10_000, 10**6) == [[0, 4, 2, 3, 5, 1]]  # one forward if it costs most
+    assert _chunks([[1] * 500], 100, 0) == [[0]]  # a lone prompt longer than the limit still runs
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 ``forward_residuals`` runs one right-padded forward over many prompts (of many requests), which
 stops after the deepest hooked block (``models.run_to_hookpoints``): later blocks, the final norm
 and the unembedding never run. Right padding keeps every real token's computation the same as an
-unpadded run (causal attention never looks right), so no position ids are needed. Batches are
-cut at ``max_batch_tokens`` padded tokens to bound memory.
+unpadded run (causal attention never looks right), so no position ids are needed. Prompts are
+grouped by length so little compute goes to padding (``_chunks``), each group cut at
+``max_batch_tokens`` padded tokens to bound memory.
 
 ``prompt_activations`` encodes one prompt's residuals, ``f = sae.encode(x)`` on exactly the
 hooked tensor, and builds the per-token top features, chosen features (dense), the aggregated
@@ -34,6 +35,10 @@ from saescope.training.sae import SAE
 
 AGGREGATIONS: tuple[Aggregation, ...] = ("max", "mean", "sum")
 DEFAULT_MAX_BATCH_TOKENS = 16384
+# The fixed work of one forward pass, in tokens' worth of compute (``_chunks`` weighs padding
+# against it): small on a CPU, where time grows with tokens from a few on; large on a GPU, where
+# a forward of a few hundred tokens costs about as much as one token (kernel launches).
+FORWARD_COST_TOKENS = {"cpu": 16, "cuda": 2048, "mps": 512}
 
 
 def validate_request(ls: LoadedSae, req: ActivationsRequest, limits: Limits) -> None:
@@ -66,7 +71,8 @@ def forward_residuals(
         return out
     pad_id = rt.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else int(pad_id)
-    for chunk in _chunks(ids_list, max_batch_tokens):
+    forward_cost = FORWARD_COST_TOKENS.get(rt.device.type, FORWARD_COST_TOKENS["cuda"])
+    for chunk in _chunks(ids_list, max_batch_tokens, forward_cost):
         lengths = [len(ids_list[i]) for i in chunk]
         t_max = max(lengths)
         ids = torch.full((len(chunk), t_max), pad_id, dtype=torch.long)
@@ -83,17 +89,37 @@ def forward_residuals(
     return out
 
 
-def _chunks(ids_list: list[list[int]], max_batch_tokens: int) -> list[list[int]]:
-    """Prompt indices grouped longest first, each group ≤ max_batch_tokens once padded."""
+def _chunks(ids_list: list[list[int]], max_batch_tokens: int, forward_cost: int) -> list[list[int]]:
+    """Prompt indices in groups of similar length, each ≤ ``max_batch_tokens`` once padded.
+
+    A forward over a group costs its padded tokens (longest × count) plus ``forward_cost``
+    tokens' worth of fixed work per forward. With the prompts sorted longest first, the best
+    groups are runs of that order, and a dynamic programme over the run boundaries finds the
+    cheapest split exactly: ``best[j] = min_i best[i] + len_i·(j − i) + forward_cost`` (one
+    vectorised min per prompt). Mixed lengths in arrival order padded to the longest cost
+    ~30% of the throughput on CPU (BENCHMARKS.md, diagnostics); this recovers it.
+    """
     order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
+    n = len(order)
+    if n == 0:
+        return []
+    lengths = np.array([len(ids_list[i]) for i in order], dtype=np.float64)  # descending
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        i = np.arange(j)
+        padded = lengths[:j] * (j - i)  # group i..j-1 padded to its first (longest) prompt
+        cost = best[:j] + padded + forward_cost
+        # A single prompt is always allowed (its own limit is checked when it is encoded).
+        cost[(padded > max_batch_tokens) & (i < j - 1)] = np.inf
+        start[j] = int(np.argmin(cost))
+        best[j] = cost[start[j]]
     chunks: list[list[int]] = []
-    for i in order:
-        # Sorted longest first, so a chunk's padded size is its first prompt's length × count.
-        if chunks and len(ids_list[chunks[-1][0]]) * (len(chunks[-1]) + 1) <= max_batch_tokens:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
+    j = n
+    while j > 0:
+        chunks.append(order[start[j] : j])
+        j = int(start[j])
+    return chunks[::-1]
 
 
 # ---- features and their summaries ---------------------------------------------------------------

@@ -8,9 +8,11 @@ becomes INTERNAL with a short message, its traceback only in the replica's log. 
 replica wraps an exception raised after ``grpc_context.set_code`` in ``gRPCStatusError``, and
 its proxy sends that code and those details — in unary calls and mid-stream alike.
 
-Forward passes of concurrent activation calls are batched with ``@serve.batch`` into one
-``engine.activations_many``. Generation streams come from the engine's decode batcher
-(``generation_io``); they stop decoding when the call is cancelled or its deadline passes.
+Forward passes of concurrent activation calls are batched into one ``engine.activations_many``
+by a work-conserving ``batching.ForwardBatcher`` (the next batch is what queued while the engine
+was busy; ``@serve.batch`` forms batches on arrival instead, see ``batching``). Generation
+streams come from the engine's decode batcher (``generation_io``); they stop decoding when the
+call is cancelled or its deadline passes.
 
 Start it with ``saescope serve``, or ``serve run configs/serve-default.yaml``; the Serve config's
 ``args`` are validated by ``AppConfig``.
@@ -25,7 +27,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.service import convert
+from saescope.service.batching import ForwardBatcher
 from saescope.service.config import AppConfig, load_app_config
 from saescope.service.errors import SaescopeError, Unauthenticated
 from saescope.service.generation_io import Generations
@@ -50,14 +52,6 @@ INTERNAL_DETAILS = "internal error; the server log has the details"
 
 class RpcFailed(Exception):
     """Raised once the call's status code and details are set on its context."""
-
-
-@dataclass
-class _Queued:
-    """An activations request waiting for its forward batch."""
-
-    request: ActivationsRequest
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @serve.deployment(name="SaeScope")
@@ -91,10 +85,15 @@ class SaeScope:
         )
         self._generation = Generations(self._engine, self._pool, self._metrics)
         self._sampler: asyncio.Task[None] | None = None
-        # @serve.batch's parameters come from the decorator; the config's replace them here.
-        self._forward.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
-        self._forward.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self._forward_waiting = 0
+        self._forward: ForwardBatcher[ActivationsRequest, ActivationsResult | SaescopeError] = (
+            ForwardBatcher(
+                partial(self._run, self._engine.activations_many),
+                max_batch_size=cfg.max_batch_size,
+                wait_s=cfg.batch_wait_timeout_s,
+                on_batch=partial(self._metrics.batch, "forward"),
+            )
+        )
         logger.info("saescope: serving %s with SAEs %s", cfg.model, sorted(cfg.sae_paths))
 
     def __del__(self) -> None:
@@ -212,20 +211,13 @@ class SaeScope:
         self._forward_waiting += 1
         self._metrics.queue_depth("forward", self._forward_waiting)
         try:
-            result = await self._forward(_Queued(req))
+            result = await self._forward.submit(req)
         finally:
             self._forward_waiting -= 1
             self._metrics.queue_depth("forward", self._forward_waiting)
         if isinstance(result, BaseException):
             raise result
         return result
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _forward(self, items: list[_Queued]) -> list[ActivationsResult | SaescopeError]:
-        """One padded forward pass for the activation requests that arrived together."""
-        now = time.perf_counter()
-        self._metrics.batch("forward", len(items), [now - it.enqueued for it in items])
-        return await self._run(self._engine.activations_many, [it.request for it in items])
 
 
 def _fail(ctx: RayServegRPCContext, code: str, details: str) -> RpcFailed:

@@ -136,7 +136,8 @@ class AppConfig(_Strict):
     max_batch_size: int = Field(default=16, ge=1)
     """Most activation requests one forward pass serves."""
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=1)
-    """How long a forward batch waits to fill before it runs."""
+    """How long an idle replica waits for more activation calls to join the first one (a busy
+    replica's next batch is simply what queued meanwhile)."""
     max_decode_rows: int = Field(default=32, ge=1)
     """Most generation rows (steered + baseline branches) one decode step advances together."""
 

@@ -149,7 +149,9 @@ class Engine:
     def activations_many(
         self, reqs: list[ActivationsRequest]
     ) -> list[ActivationsResult | SaescopeError]:
-        """Many requests, one padded forward over all their prompts (for ``@serve.batch``).
+        """Many requests, one batch of padded forwards over all their prompts (a forward batch).
+
+        The app's ``batching.ForwardBatcher`` hands it the activation calls that queued together.
 
         A request's mistake comes back in its place as the error; the others still run.
         """

@@ -80,7 +80,7 @@ def test_errors_reach_the_batch_and_later_batches_still_run() -> None:
         b = ForwardBatcher(engine.run, max_batch_size=2, wait_s=0.05)
         first = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
         later = await asyncio.gather(b.submit(5), b.submit(6))
-        return first, later
+        return list(first), list(later)
 
     first, later = asyncio.run(main())
     assert first[:2] == [0, 10]

@@ -28,7 +28,6 @@ ORDER = (
     "serve_memory",
     "train_speed",
     "train_quality",
-    "diagnose",
 )
 Result = dict[str, Any]
 

@@ -1,8 +1,7 @@
 """Run every benchmark, then regenerate BENCHMARKS.md and the plots (``make bench``).
 
 The serving benches share one local Serve instance (default model, random SAE at layer 15);
-the training benches share one cached tensor of real layer-15 activations; ``diagnose`` (the
-measurements behind BENCHMARKS.md's recommendations) runs last. ``--quick`` is a
+the training benches share one cached tensor of real layer-15 activations. ``--quick`` is a
 smoke run (tiny sizes, one round) that writes to a temporary folder unless ``--out`` is given,
 so it never replaces real results.
 
@@ -22,7 +21,6 @@ from types import ModuleType
 
 from bench import (
     common,
-    diagnose,
     report,
     serve_activations,
     serve_contrast,
@@ -44,8 +42,7 @@ SERVE: tuple[ModuleType, ...] = (
     serve_contrast,
     serve_memory,
 )
-# The diagnostics (product changes prototyped in-process) run last, after the benches proper.
-TRAIN: tuple[ModuleType, ...] = (train_speed, train_quality, diagnose)
+TRAIN: tuple[ModuleType, ...] = (train_speed, train_quality)
 
 
 def main(argv: list[str] | None = None) -> None:

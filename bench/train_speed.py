@@ -6,9 +6,15 @@ Both trainers are fed from one in-memory tensor of real SmolLM2 layer-15 activat
 between two batches taken; the first steps (scale estimate, warm-up) are not timed. Rounds
 alternate the trainers. Target: saescope ≥ 1.5× SAELens's tokens/s.
 
-Compute efficiency: a step is counted as 6 matmuls of 2·N·d_in·d_sae FLOPs (encoder and
-decoder, their backward ≈ 2× forward); the machine's reference is ``torch.mm`` of exactly those
-six shapes, timed here. The fraction says how much of a step is matmul at the machine's speed.
+SAELens 6.54's own sparse topk decoder (``use_sparse_activations=True``, off by default) is not
+a reference on a CPU: its backward fails there (``aten::view`` has no SparseCPU kernel).
+
+Compute efficiency: the FLOPs of the dense ``(N, d_in) × (d_in, d_sae)``-sized matmuls a step
+really runs (``DENSE_MATMULS``: 2·N·d_in·d_sae each), over the step's time, as a fraction of
+the machine's ``torch.mm`` speed on those shapes (timed here). relu: encoder, decoder and three
+backward products (∂W_dec, ∂f, ∂W_enc) for both trainers; SAELens's topk adds ∂x (b_dec is
+subtracted from the input); saescope's topk runs only the encoder densely (the rest are sparse
+products with k nonzeros per token), so its fraction is low: it is no longer matmul-bound.
 
     python -m bench.train_speed
 """
@@ -31,9 +37,18 @@ SCALE_BATCHES = 2  # the scale estimate's batches (untimed; a speed run needs fe
 ARCHS: tuple[Arch, ...] = ("relu", "topk")
 
 
-def step_flops(n: int, d_in: int, d_sae: int) -> float:
-    """FLOPs of one training step as counted here: 6 matmuls of 2·N·d_in·d_sae."""
-    return 6 * 2 * n * d_in * d_sae
+# Dense N×d_in×d_sae matmuls per step, by (architecture, trainer); see the module docstring.
+DENSE_MATMULS = {
+    ("relu", "saescope"): 5,
+    ("relu", "SAELens"): 5,
+    ("topk", "saescope"): 1,
+    ("topk", "SAELens"): 6,
+}
+
+
+def step_flops(n: int, d_in: int, d_sae: int, matmuls: int = 6) -> float:
+    """FLOPs of ``matmuls`` matmuls of 2·N·d_in·d_sae."""
+    return matmuls * 2 * n * d_in * d_sae
 
 
 def matmul_flops_per_s(n: int, d_in: int, d_sae: int, repeats: int) -> float:
@@ -86,12 +101,14 @@ def run(
                 step_s[f"{arch}/{name}"].append(t)
                 print(f"  round {r + 1}/{rounds} {arch} {name}: {batch_size / t:.0f} tokens/s")
     machine = common.median(mm)
-    flops = step_flops(batch_size, d_in, d_sae)
     rows, targets = [], []
     for arch in archs:
         ours = common.median(step_s[f"{arch}/saescope"])
         theirs = common.median(step_s[f"{arch}/SAELens"])
-        for name, t in (("saescope", ours), ("SAELens", theirs)):
+        for name in TRAINERS:
+            t = common.median(step_s[f"{arch}/{name}"])
+            dense = DENSE_MATMULS[(arch, name)]
+            flops = step_flops(batch_size, d_in, d_sae, dense)
             rows.append(
                 {
                     "architecture": arch,
@@ -99,7 +116,8 @@ def run(
                     "tokens/s (median)": round(batch_size / t, 1),
                     "ratio to SAELens": round(theirs / t, 3),
                     "step ms": round(1e3 * t, 1),
-                    "GFLOP/s": round(flops / t / 1e9, 1),
+                    "dense matmuls": dense,
+                    "dense GFLOP/s": round(flops / t / 1e9, 1),
                     "of matmul peak": round(flops / t / machine, 3),
                 }
             )

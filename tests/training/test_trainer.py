@@ -132,7 +132,7 @@ def test_metrics_window_fvu_is_centred_and_in_float64() -> None:
     for _ in range(3):
         x = torch.randn(50, D_IN, generator=g) + 4.0  # a large mean: centring matters
         x_hat = x + 0.3 * torch.randn(50, D_IN, generator=g)
-        w.update(x, x_hat, torch.ones(50, 7), {"loss": torch.tensor(1.0)})
+        w.update(x, x_hat, torch.tensor(50.0 * 7), {"loss": torch.tensor(1.0)})
         xs.append(x.double())
         xhs.append(x_hat.double())
     x, x_hat = torch.cat(xs), torch.cat(xhs)

@@ -33,12 +33,14 @@ class FeatureStats:
 
     def update(self, f: Tensor) -> None:
         """Record a batch of features ``(N, d_sae)``."""
-        fired = f > 0  # (N, d_sae)
-        any_fired = fired.any(0)
-        self.since_fired += len(f)
-        self.since_fired[any_fired] = 0
-        self.counts += fired.sum(0, dtype=torch.float64)
-        self.counted_tokens += len(f)
+        self.update_counts((f > 0).sum(0), len(f))
+
+    def update_counts(self, counts: Tensor, n_tokens: int) -> None:
+        """Record ``n_tokens`` tokens in which feature i was active ``counts[i]`` times."""
+        self.since_fired += n_tokens
+        self.since_fired[counts > 0] = 0
+        self.counts += counts.to(torch.float64)
+        self.counted_tokens += n_tokens
         if self.counted_tokens >= self.window:
             self.last_density = self.counts / self.counted_tokens
             self.counts.zero_()
@@ -93,12 +95,11 @@ class MetricsWindow:
         self.sum_x = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)  # (d_in,)
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, f: Tensor, scalars: dict[str, Tensor]) -> None:
-        """Add a batch: inputs and reconstructions ``(N, d_in)``, features ``(N, d_sae)``."""
+    def update(self, x: Tensor, x_hat: Tensor, active: Tensor, scalars: dict[str, Tensor]) -> None:
+        """Add a batch: inputs and reconstructions ``(N, d_in)``, ``active`` = Σ_n L0_n (0-d)."""
         x64 = x.double()
         err = (x64 - x_hat.double()).pow(2).sum()
-        l0 = (f > 0).sum(dtype=torch.float64)
-        values = [err, x64.pow(2).sum(), l0]
+        values = [err, x64.pow(2).sum(), active.double()]
         values += [scalars[k].detach().double() if k in scalars else err * 0 for k in self.SCALARS]
         self.sums += torch.stack(values)
         self.sum_x += x64.sum(0)

@@ -93,9 +93,13 @@ class SAE(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activations ``(N, d_sae)``; topk subtracts b_dec first (Gao et al.); relu doesn't."""
+        return self.encode_pre_with(x, self.W_enc, self.b_enc)
+
+    def encode_pre_with(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        """``encode_pre`` through given encoder columns ``W_enc (d_in, D)``, ``b_enc (D,)``."""
         if self.cfg.architecture == "topk":
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return x @ W_enc + b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
         """Features from pre-activations ``(N, d_sae)``."""
@@ -132,17 +136,20 @@ class SAE(nn.Module):
 
         Gives dead features a gradient towards directions the live ones miss. Normalised by the
         residual's own energy so its scale does not depend on how good the reconstruction is.
+        ``pre`` (N, d_sae) only picks the features; their pre-activations are recomputed over
+        the dead columns alone, so the cost grows with the number of dead features, not d_sae.
         Returns a scalar (0 when nothing is dead).
         """
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        dead_ids = dead.nonzero()[:, 0]  # (n_dead,)
+        if len(dead_ids) == 0:
             return x.new_zeros(())
-        k = min(k_aux, n_dead)
+        k = min(k_aux, len(dead_ids))
+        pick = pre.detach()[:, dead_ids].topk(k, dim=-1).indices  # (N, k) into dead_ids
+        W_enc, W_dec = self.W_enc[:, dead_ids], self.W_dec[dead_ids]  # (d_in, D), (D, d_in)
+        dead_pre = self.encode_pre_with(x, W_enc, self.b_enc[dead_ids])  # (N, D)
+        f_aux = torch.zeros_like(dead_pre).scatter_(-1, pick, torch.relu(dead_pre.gather(-1, pick)))
+        e_hat = f_aux @ W_dec  # (N, d_in), no bias: it reconstructs an error
         residual = (x - x_hat).detach()  # (N, d_in)
-        dead_pre = pre.masked_fill(~dead, float("-inf"))  # (N, d_sae)
-        top = dead_pre.topk(k, dim=-1)
-        f_aux = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
-        e_hat = f_aux @ self.W_dec  # (N, d_in), no bias: it reconstructs an error
         num = (residual - e_hat).pow(2).sum(-1).mean()
         den = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return num / den

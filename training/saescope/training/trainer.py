@@ -12,6 +12,9 @@ takes ``(N, d_in)`` tensors in model units. The recipe (Templeton et al. 2024, D
 - topk (Gao et al. 2024): ``L = mean_N ‖x − x̂‖² + α · AuxK``, decoder rows kept at unit norm
   (gradient parallel to each row removed before the step, rows renormalised after it).
 
+The forward and backward of both losses are ``sae_train.training_pass`` (hand-written passes,
+checked against autograd through ``sae.py``'s reference math); AuxK runs on autograd.
+
 Everything that the next step depends on — raw weights, Adam's moments, step, dead-feature
 counters, RNG states — is in ``state()`` / ``load_state()``, as tensors and JSON (no pickle).
 """
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saescope.training import sae_train
 from saescope.training.config import TrainSection
 from saescope.training.metrics import FeatureStats, MetricsWindow
 from saescope.training.sae import SAE
@@ -39,7 +43,7 @@ Callback = Callable[["Trainer", dict[str, Any] | None], None]
 @dataclass
 class StepOutput:
     x_hat: Tensor  # (N, d_in), detached
-    f: Tensor  # (N, d_sae), detached
+    counts: Tensor  # (d_sae,) tokens each feature was active on, detached
     scalars: dict[str, Tensor]  # 0-d tensors: loss, mse, sparsity, aux_k
 
 
@@ -63,6 +67,7 @@ class Trainer:
         self.last_record: dict[str, Any] = {}
         self.features = FeatureStats(sae.cfg.d_sae, cfg.dead_window_tokens, self.device)
         self.window = MetricsWindow(sae.cfg.d_in, self.device)
+        self.buffers = sae_train.Buffers()  # the training pass's (N, d_sae) scratch tensors
         self.warmup_steps = round(cfg.l1_warmup_frac * total_steps)
         self.decay_steps = round(cfg.lr_decay_frac * total_steps)
 
@@ -129,21 +134,19 @@ class Trainer:
         """One optimiser step on a normalised batch ``x`` (N, d_in)."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        pre = self.sae.encode_pre(x)  # (N, d_sae)
-        f = self.sae.activate(pre)  # (N, d_sae)
-        x_hat = self.sae.decode(f)  # (N, d_in)
-        mse = (x - x_hat).pow(2).sum(-1).mean()
-        sparsity = self.sae.sparsity_penalty(f).mean()
-        scalars = {"mse": mse, "sparsity": sparsity}
+        p = sae_train.training_pass(self.sae, x, self.buffers)
+        scalars = {"mse": p.mse, "sparsity": p.sparsity}
         if self.topk:
+            assert p.pre is not None
             # Gao et al.'s losses are both normalised MSEs; ours is not (the paper's sum over
             # d_in), so AuxK is put back into our units by the batch's variance.
-            var = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
-            aux = self.sae.aux_k_loss(x, x_hat, pre, self.features.dead(), self.cfg.aux_k) * var
-            loss = mse + self.cfg.aux_k_coeff * aux
+            var = (x - x.mean(0)).pow(2).sum(-1).mean()
+            aux = self.sae.aux_k_loss(x, p.x_hat, p.pre, self.features.dead(), self.cfg.aux_k)
+            aux = aux * var
+            loss = p.mse + self.cfg.aux_k_coeff * aux
             scalars["aux_k"] = aux
         else:
-            loss = mse + self.l1_at(self.step) * sparsity
+            loss = p.mse + self.l1_at(self.step) * p.sparsity
         scalars["loss"] = loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,11 +157,11 @@ class Trainer:
         self.opt.step()
         if self.topk:
             self.sae.normalize_decoder()
-        return StepOutput(x_hat.detach(), f.detach(), {k: v.detach() for k, v in scalars.items()})
+        return StepOutput(p.x_hat, p.counts, {k: v.detach() for k, v in scalars.items()})
 
     def observe(self, x: Tensor, out: StepOutput) -> None:
-        self.features.update(out.f)
-        self.window.update(x, out.x_hat, out.f, out.scalars)
+        self.features.update_counts(out.counts, len(x))
+        self.window.update(x, out.x_hat, out.counts.sum(), out.scalars)
         self.step += 1
         self.tokens += len(x)
 

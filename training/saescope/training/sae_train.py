@@ -1,0 +1,189 @@
+"""The SAE's training pass: ``sae.py``'s losses with hand-written backward passes.
+
+The reference math lives in ``sae.py`` (``encode_pre``/``activate``/``decode``, autograd). This
+module computes the same losses and gradients — tests check them against autograd through the
+reference — in fewer passes over the ``(N, d_sae)`` feature matrix, which is where the time
+goes once the matmuls are counted (BENCHMARKS.md, training):
+
+- ``relu``: five dense matmuls (encoder, decoder, and three in the backward: ∂W_dec, ∂f,
+  ∂W_enc); the ReLU, its mask, the per-feature counts and the bias gradients are in-place or
+  matrix-vector passes over two ``(N, d_sae)`` buffers that are reused from step to step
+  (a fresh 64 MiB tensor costs ~25 ms of page faults on a CPU, as much as five fused passes).
+- ``topk``: only the encoder matmul is dense. The decoder sums the ``k`` active rows of
+  ``W_dec`` (``embedding_bag``); its backward needs ``∂x̂ · W_dec,i`` only at the active
+  ``(n, i)`` (gathered in chunks) and ``∂W_dec``, ``∂W_enc`` are sparse–dense products with
+  ``k`` nonzeros per token. ``b_dec`` is folded into the encoder bias, ``(x − b_dec)·W_enc +
+  b_enc = x·W_enc + (b_enc − b_dec·W_enc)``, so no ``(N, d_in)`` copy is made.
+
+AuxK (Gao et al.) stays on autograd in ``SAE.aux_k_loss``, over the dead features' columns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saescope.training.sae import SAE
+
+GATHER_CHUNK = 512  # tokens per chunk when gathering active decoder rows: (chunk, k, d_in) floats
+NORM_EPS = 1e-12
+
+
+@dataclass
+class TrainingPass:
+    """What a training step needs from the forward pass; the losses carry their gradients."""
+
+    mse: Tensor  # 0-d: mean_N ‖x − x̂‖², differentiable
+    sparsity: Tensor  # 0-d: mean_N Σ_i f_i ‖W_dec,i‖ (differentiable for relu)
+    x_hat: Tensor  # (N, d_in), detached
+    counts: Tensor  # (d_sae,) tokens each feature was active on, detached
+    pre: Tensor | None = None  # (N, d_sae) pre-activations, detached (topk: picks AuxK's features)
+
+
+@dataclass
+class Buffers:
+    """``(N, d_sae)`` scratch tensors reused across steps of the same batch shape."""
+
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def get(self, name: str, like: Tensor, rows: int, cols: int) -> Tensor:
+        t = self.tensors.get(name)
+        if t is None or t.shape != (rows, cols) or t.dtype != like.dtype or t.device != like.device:
+            t = like.new_empty(rows, cols)
+            self.tensors[name] = t
+        return t
+
+
+def training_pass(sae: SAE, x: Tensor, buffers: Buffers) -> TrainingPass:
+    """Losses and statistics of one batch ``x (N, d_in)`` (normalised units)."""
+    if sae.cfg.architecture == "relu":
+        f_buf = buffers.get("f", x, len(x), sae.cfg.d_sae)
+        s_buf = buffers.get("active", x, len(x), sae.cfg.d_sae)
+        mse, sparsity, x_hat, counts = _ReluPass.apply(
+            x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, f_buf, s_buf
+        )
+        return TrainingPass(mse, sparsity, x_hat, counts)
+    assert sae.cfg.k is not None
+    pre_buf = buffers.get("pre", x, len(x), sae.cfg.d_sae)
+    mse, sparsity, x_hat, counts, pre = _TopKPass.apply(
+        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k, pre_buf
+    )
+    return TrainingPass(mse, sparsity, x_hat, counts, pre)
+
+
+class _ReluPass(torch.autograd.Function):
+    """relu: ``(mse, sparsity, x̂, counts)`` with the backward written out."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        f_buf: Tensor,
+        active_buf: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n = len(x)
+        f = torch.addmm(b_enc, x, W_enc, out=f_buf).relu_()  # (N, d_sae)
+        x_hat = torch.addmm(b_dec, f, W_dec)  # (N, d_in)
+        err = x_hat - x  # (N, d_in)
+        norms = W_dec.norm(dim=1)  # (d_sae,)
+        ones = x.new_ones(1, n)
+        f_sum = (ones @ f)[0]  # (d_sae,) Σ_n f_n
+        active = torch.sign(f, out=active_buf)  # (N, d_sae) 1 where f > 0 (f ≥ 0)
+        counts = (ones @ active)[0]  # (d_sae,)
+        mse = err.pow(2).sum() / n
+        sparsity = f_sum @ norms / n
+        ctx.save_for_backward(x, f, active, W_dec, norms, err, f_sum)
+        ctx.mark_non_differentiable(x_hat, counts)
+        return mse, sparsity, x_hat, counts
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_mse: Tensor, g_sparsity: Tensor, _g_xhat: Tensor, _g_counts: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, f, active, W_dec, norms, err, f_sum = ctx.saved_tensors
+        n = len(x)
+        d_xhat = err * (2 * g_mse / n)  # (N, d_in) ∂/∂x̂
+        w = g_sparsity / n  # weight of each f_i ‖W_dec,i‖
+        # ∂W_dec: from x̂ = f·W_dec, plus the L1 term's w · (Σ_n f_i) · W_dec,i / ‖W_dec,i‖
+        g_W_dec = torch.addmm(
+            (w * f_sum / norms.clamp_min(NORM_EPS))[:, None] * W_dec, f.T, d_xhat
+        )  # (d_sae, d_in)
+        g_b_dec = d_xhat.sum(0)
+        # ∂pre = (∂x̂ · W_decᵀ + w · ‖W_dec‖) where f > 0; written over f, which is done with
+        d_pre = torch.addmm(w * norms, d_xhat, W_dec.T, out=f).mul_(active)  # (N, d_sae)
+        g_W_enc = x.T @ d_pre  # (d_in, d_sae)
+        g_b_enc = (x.new_ones(1, n) @ d_pre)[0]
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
+
+
+class _TopKPass(torch.autograd.Function):
+    """topk: ``(mse, sparsity, x̂, counts, pre)``; only the encoder matmul is dense."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        k: int,
+        pre_buf: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        n, d_sae = len(x), W_enc.shape[1]
+        pre = torch.addmm(b_enc - b_dec @ W_enc, x, W_enc, out=pre_buf)  # (N, d_sae)
+        top = pre.topk(k, dim=-1, sorted=False)
+        idx, vals = top.indices, top.values.relu()  # (N, k)
+        x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + b_dec
+        err = x_hat - x  # (N, d_in)
+        mse = err.pow(2).sum() / n
+        sparsity = (vals * W_dec.norm(dim=1)[idx]).sum() / n
+        counts = torch.bincount(idx[vals > 0], minlength=d_sae).to(x.dtype)  # (d_sae,)
+        ctx.save_for_backward(x, idx, vals, W_enc, W_dec, b_dec, err)
+        ctx.mark_non_differentiable(sparsity, x_hat, counts, pre)
+        return mse, sparsity, x_hat, counts, pre
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_mse: Tensor, *_: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, idx, vals, W_enc, W_dec, b_dec, err = ctx.saved_tensors
+        n, k = idx.shape
+        d_sae = W_enc.shape[1]
+        d_xhat = err * (2 * g_mse / n)  # (N, d_in)
+        tokens = torch.arange(n, device=x.device).repeat_interleave(k)  # (N·k,)
+        flat = idx.reshape(-1)  # (N·k,)
+        # ∂W_dec = fᵀ · ∂x̂, f with k nonzeros per token
+        f_t = _sparse_t(flat, tokens, vals, (d_sae, n))
+        g_W_dec = torch.sparse.mm(f_t, d_xhat)  # (d_sae, d_in)
+        # ∂f at the active (n, i) only: ∂x̂_n · W_dec,i, gathered a chunk of tokens at a time
+        g_vals = torch.empty_like(vals)  # (N, k)
+        for s in range(0, n, GATHER_CHUNK):
+            rows = W_dec[idx[s : s + GATHER_CHUNK]]  # (chunk, k, d_in)
+            g_vals[s : s + GATHER_CHUNK] = torch.bmm(rows, d_xhat[s : s + GATHER_CHUNK, :, None])[
+                ..., 0
+            ]
+        g_pre = g_vals * (vals > 0)  # (N, k) through the ReLU
+        g_b_enc = torch.zeros(d_sae, dtype=x.dtype, device=x.device).index_add_(
+            0, flat, g_pre.reshape(-1)
+        )
+        g_t = _sparse_t(flat, tokens, g_pre, (d_sae, n))
+        # pre = x·W_enc + b_enc − b_dec·W_enc
+        g_W_enc = torch.sparse.mm(g_t, x).T - torch.outer(b_dec, g_b_enc)  # (d_in, d_sae)
+        g_b_dec = d_xhat.sum(0) - W_enc @ g_b_enc
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
+
+
+def _sparse_t(features: Tensor, tokens: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(d_sae, N)`` COO matrix with ``values (N, k)`` at (feature, token); no duplicates."""
+    return torch.sparse_coo_tensor(
+        torch.stack([features, tokens]), values.reshape(-1), size, check_invariants=False
+    )

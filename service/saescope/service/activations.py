@@ -97,7 +97,7 @@ def _chunks(ids_list: list[list[int]], max_batch_tokens: int, forward_cost: int)
     groups are runs of that order, and a dynamic programme over the run boundaries finds the
     cheapest split exactly: ``best[j] = min_i best[i] + len_i·(j − i) + forward_cost`` (one
     vectorised min per prompt). Mixed lengths in arrival order padded to the longest cost
-    ~30% of the throughput on CPU (BENCHMARKS.md, diagnostics); this recovers it.
+    ~30% of the throughput on CPU (BENCHMARKS.md, notes); this recovers it.
     """
     order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
     n = len(order)

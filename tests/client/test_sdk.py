@@ -313,3 +313,17 @@ def test_errors_retrying_cannot_fix_are_not_retried(
         with pytest.raises(NotFound):
             client.activations(PROMPT, sae_id="no-such-sae")
     assert time.monotonic() - start < 2.5  # one attempt, no 3 s backoff
+
+
+def test_out_of_distribution_flags_reach_each_token() -> None:
+    """Each token carries the server's flag; a server without the field means none flagged."""
+    from saescope.api.v1 import saescope_pb2 as pb
+    from saescope.client import _convert
+
+    toks = [pb.Token(id=1, text="<s>"), pb.Token(id=2, text=" sea")]
+    flagged = _convert.prompt_activations(
+        pb.PromptActivations(tokens=toks, out_of_distribution=[True, False]), []
+    )
+    assert [t.out_of_distribution for t in flagged] == [True, False]
+    older = _convert.prompt_activations(pb.PromptActivations(tokens=toks), [])
+    assert [t.out_of_distribution for t in older] == [False, False]

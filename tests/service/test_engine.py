@@ -168,6 +168,14 @@ def test_activation_summaries(engine: Engine) -> None:
     np.testing.assert_allclose(mean.values, np.sort(full.mean(axis=0))[::-1][:3], rtol=1e-5)
 
 
+def test_activations_flag_positions_out_of_distribution(engine: Engine, monkeypatch) -> None:
+    """Per token, the positions the SAE's checkpoint rules leave out are flagged."""
+    monkeypatch.setitem(engine.rt.saes["main"].meta, "skip_first_positions", 2)
+    p = engine.activations(t.ActivationsRequest(prompts=[t.Prompt(text=TEXT)])).prompts[0]
+    assert len(p.out_of_distribution) == len(p.tokens) > 2
+    assert p.out_of_distribution[:2] == [True, True] and not any(p.out_of_distribution[2:])
+
+
 def test_activations_many_one_forward_errors_in_place(engine: Engine, monkeypatch) -> None:
     from saescope.service import activations
     from saescope.training import models
@@ -373,9 +381,12 @@ def test_aggregation_leaves_out_specials_sink_and_outliers() -> None:
     special = [False, False, True, False, False, False]
     keep = ls.aggregation_mask(x, special, include_special=False)
     assert keep.tolist() == [False, True, False, True, False, True]
+    # per token, callers are told which positions are out of the SAE's distribution
+    assert ls.out_of_distribution(x).tolist() == [True, False, False, False, True, False]
     assert ls.aggregation_mask(x, special, include_special=True).all()
     # an SAE whose checkpoint records no such rules leaves out only the special tokens
     plain = LoadedSae("p", sae, "model.layers.0", 0, {}, None)
+    assert not plain.out_of_distribution(x).any()
     assert plain.aggregation_mask(x, special, False).tolist() == [
         True,
         True,

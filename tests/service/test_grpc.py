@@ -121,6 +121,8 @@ def assert_activations_match(got: pb.GetFeatureActivationsResponse, want: t.Acti
         np.testing.assert_allclose(g.top_features.values, w.top_features.values, rtol=1e-4)
         np.testing.assert_allclose(g.error_norms, w.error_norms, rtol=1e-4)
         np.testing.assert_allclose(g.residual_norms, w.residual_norms, rtol=1e-4)
+        assert list(g.out_of_distribution) == w.out_of_distribution
+        assert len(w.out_of_distribution) == len(w.tokens)
 
 
 @pytest.mark.parametrize("sae_id", [RELU, TOPK, ""])

@@ -140,14 +140,18 @@ def activations(result: Activations, aggregation: str) -> None:
             _bold(f"prompt {n + 1}/{len(result)}")
             + f" · {len(prompt)} tokens · SAE {result.sae_id}"
         )
-        strongest = [t.top_features[0].value if t.top_features else 0.0 for t in prompt]
+        # Out-of-distribution positions (the attention sink) carry huge, meaningless values.
+        strongest = [
+            t.top_features[0].value if t.top_features and not t.out_of_distribution else 0.0
+            for t in prompt
+        ]
         if _colour():
             print("  " + _highlighted([t.token for t in prompt], strongest))
         headers = ["#", "token", "top features", *(f"f{f}" for f in prompt.feature_ids)]
         rows = [
             [
                 i,
-                show(t.text),
+                show(t.text) + (" *" if t.out_of_distribution else ""),
                 _features(t.top_features),
                 *(f"{v:.2f}" for v in t.feature_values),
             ]
@@ -157,6 +161,9 @@ def activations(result: Activations, aggregation: str) -> None:
             [*headers, "‖err‖/‖x‖"],
             [[*r, f"{t.relative_error:.2f}"] for r, t in zip(rows, prompt, strict=True)],
         )
+        if any(t.out_of_distribution for t in prompt):
+            print(_dim("  * a position the SAE never saw in training (attention sink or norm"))
+            print(_dim("    outlier): its values are not meaningful; top features leave it out"))
         if prompt.top_features:
             print(f"  {_bold(f'top features ({aggregation})')}: {_features(prompt.top_features)}")
 

@@ -259,6 +259,7 @@ def prompt_activations(p: pb.PromptActivations, feature_ids: list[int]) -> r.Pro
             feature_values=flat[i * n_features : (i + 1) * n_features],
             error_norm=p.error_norms[i] if i < len(p.error_norms) else 0.0,
             residual_norm=p.residual_norms[i] if i < len(p.residual_norms) else 0.0,
+            out_of_distribution=i < len(p.out_of_distribution) and p.out_of_distribution[i],
         )
         for i, t in enumerate(p.tokens)
     ]

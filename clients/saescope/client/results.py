@@ -155,6 +155,10 @@ class TokenActivations(_Result):
     """‖x − x̂‖: how much of the residual stream the SAE misses here."""
     residual_norm: float
     """‖x‖, to put ``error_norm`` in proportion."""
+    out_of_distribution: bool = False
+    """A position the SAE never saw in training (the attention sink at a prompt's start, or a
+    residual norm far above the prompt's median): its feature values are not meaningful, and
+    the prompt's ``top_features`` leave it out."""
 
     @property
     def text(self) -> str:

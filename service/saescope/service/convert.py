@@ -225,6 +225,7 @@ def activations_response(res: t.ActivationsResult) -> pb.GetFeatureActivationsRe
             top_features=_sparse(p.top_features),
             error_norms=p.error_norms,
             residual_norms=p.residual_norms,
+            out_of_distribution=p.out_of_distribution,
         )
         for p in res.prompts
     ]

@@ -118,22 +118,29 @@ class LoadedSae:
         """Positions ``(T,)`` that count when a prompt's features are aggregated over tokens.
 
         Left out unless ``include_special``: special tokens, and the positions the SAE never saw
-        in training (the trainer records both rules in the checkpoint): the first
-        ``skip_first_positions`` of a prompt, where the attention sink sits (its residual norm
-        is ~100× the median on SmolLM2), and any position whose residual norm exceeds
-        ``outlier_norm_factor`` × the prompt's median. Such positions carry huge, meaningless
-        feature values that would top every aggregate and every contrast.
+        in training (``out_of_distribution``). Such positions carry huge, meaningless feature
+        values that would top every aggregate and every contrast.
         """
-        keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (T,)
         if include_special:
-            return keep
-        keep &= ~torch.tensor(special, dtype=torch.bool, device=x.device)
-        keep[: int(self.meta.get("skip_first_positions") or 0)] = False
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (T,)
+        keep = ~self.out_of_distribution(x)  # (T,)
+        return keep & ~torch.tensor(special, dtype=torch.bool, device=x.device)
+
+    def out_of_distribution(self, x: Tensor) -> Tensor:
+        """Positions ``(T,)`` of residuals ``x (T, d_in)`` the SAE never saw in training.
+
+        The trainer records its rules in the checkpoint: the first ``skip_first_positions`` of a
+        prompt, where the attention sink sits (its residual norm is ~100× the median on
+        SmolLM2), and any position whose residual norm exceeds ``outlier_norm_factor`` × the
+        prompt's median.
+        """
+        out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (T,)
+        out[: int(self.meta.get("skip_first_positions") or 0)] = True
         factor = self.meta.get("outlier_norm_factor")
         if factor:
             norms = x.float().norm(dim=-1)  # (T,)
-            keep &= norms <= float(factor) * norms.median()
-        return keep
+            out |= norms > float(factor) * norms.median()
+        return out
 
     def info(self) -> SaeInfo:
         cfg = self.sae.cfg

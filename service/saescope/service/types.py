@@ -117,6 +117,7 @@ class PromptActivations:
     top_features: Sparse  # aggregated over tokens
     error_norms: list[float]  # ‖x − x̂‖ per token
     residual_norms: list[float]  # ‖x‖ per token
+    out_of_distribution: list[bool]  # per token: a position the SAE never saw in training
 
 
 @dataclass(frozen=True)

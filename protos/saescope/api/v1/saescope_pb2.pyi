@@ -546,6 +546,7 @@ class PromptActivations(_message.Message):
     TOP_FEATURES_FIELD_NUMBER: _builtins.int
     ERROR_NORMS_FIELD_NUMBER: _builtins.int
     RESIDUAL_NORMS_FIELD_NUMBER: _builtins.int
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Token]: ...
     @_builtins.property
@@ -568,6 +569,14 @@ class PromptActivations(_message.Message):
     def residual_norms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """‖x‖ per token, to put error_norms in proportion."""
 
+    @_builtins.property
+    def out_of_distribution(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per token: a position the SAE never saw in training, by the rules its checkpoint records —
+        the first position(s) of a prompt, where the attention sink sits, and residual norms far
+        above the prompt's median. Their feature values are not meaningful; top_features and
+        contrast search leave them out (special tokens are flagged on Token.special).
+        """
+
     def __init__(
         self,
         *,
@@ -577,10 +586,11 @@ class PromptActivations(_message.Message):
         top_features: Global___SparseFeatures | None = ...,
         error_norms: _abc.Iterable[_builtins.float] | None = ...,
         residual_norms: _abc.Iterable[_builtins.float] | None = ...,
+        out_of_distribution: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["feature_values", b"feature_values", "top_features", b"top_features"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_norms", b"error_norms", "feature_values", b"feature_values", "residual_norms", b"residual_norms", "token_top_features", b"token_top_features", "tokens", b"tokens", "top_features", b"top_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_norms", b"error_norms", "feature_values", b"feature_values", "out_of_distribution", b"out_of_distribution", "residual_norms", b"residual_norms", "token_top_features", b"token_top_features", "tokens", b"tokens", "top_features", b"top_features"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

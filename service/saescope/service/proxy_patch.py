@@ -28,6 +28,13 @@ itself inside ``gRPCProxy.send_request_to_replica``, marked by a context variabl
 task). Unary gRPC calls are already handled by ``__anext__`` (their task is always suspended in
 it); for them the callback does nothing.
 
+The proxy's log, too: Ray logs an abandoned stream's ``GeneratorExit`` (thrown into its
+generator when the patch's cancel closes it) as "Request failed due to unexpected error." with a
+traceback, and every status the app sets on purpose (INVALID_ARGUMENT for a bad field,
+NOT_FOUND, …) as an ERROR with a traceback. Both would page an operator for a client's doing.
+:class:`QuietClientOutcomes`, a filter on Serve's logger in the proxy, turns them into one INFO
+line without a traceback; INTERNAL and everything else Ray logs stay as they are.
+
 The patch is idempotent and version-guarded: it applies only to the Ray versions whose proxy
 code it was checked against (``SUPPORTED_RAY_VERSIONS``) and whose patched attributes exist;
 otherwise it logs a warning and changes nothing (cancellation then works as well as Ray's does).
@@ -52,6 +59,44 @@ _MARK = "_saescope_cancel_abandoned_grpc_streams"
 _IN_GRPC_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "saescope_in_grpc_call", default=False
 )
+
+
+# Status codes the app sets for what a client did; anything else (INTERNAL, UNKNOWN, …) stays loud.
+CLIENT_STATUS_CODES = frozenset(
+    {
+        "CANCELLED",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "OUT_OF_RANGE",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "DEADLINE_EXCEEDED",
+        "FAILED_PRECONDITION",
+    }
+)
+_USER_STATUS = "Request failed with user-set gRPC status code StatusCode."
+
+
+class QuietClientOutcomes(logging.Filter):
+    """Rewrites the proxy's tracebacks for client-caused outcomes as one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        message = record.getMessage()
+        if isinstance(exc, GeneratorExit):
+            note = "gRPC stream abandoned by its client; its replica request was cancelled"
+        elif message.startswith(_USER_STATUS):
+            code = message.removeprefix(_USER_STATUS).rstrip(".")
+            if code not in CLIENT_STATUS_CODES:
+                return True
+            note = f"request answered {code}: a client error, its details sent to the client"
+        else:
+            return True
+        record.msg, record.args = note, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def install(servicer: Any = None, server: Any = None) -> bool:
@@ -109,6 +154,7 @@ def install(servicer: Any = None, server: Any = None) -> bool:
 
     proxy.ProxyResponseGenerator = CancelAbandonedResponseGenerator  # type: ignore[misc]
     grpc_proxy.send_request_to_replica = send_request_to_replica
+    logger.addFilter(QuietClientOutcomes())
     setattr(proxy, _MARK, True)
     logger.info("saescope proxy_patch: cancelled gRPC streams now cancel their replica request")
     return True

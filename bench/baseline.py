@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.common import sync
 from saescope.training import checkpoint, models
 from saescope.training.sae import SAE
 
@@ -30,12 +31,17 @@ class Loaded:
     tokenizer: Any
     sae: SAE
     hookpoint: str
+    device: str = "cpu"
 
     @classmethod
-    def load(cls, model: str, sae_path: Path) -> Loaded:
-        lm, tok = models.load_model(model, device="cpu")
+    def load(
+        cls, model: str, sae_path: Path, device: str = "cpu", dtype: str = "float32"
+    ) -> Loaded:
+        """The model in ``dtype``, the SAE in float32 (as the service holds them), on ``device``."""
+        lm, tok = models.load_model(model, device=device, dtype=getattr(torch, dtype))
         sae, meta = checkpoint.load_sae(sae_path)
-        return cls(lm, tok, sae, models.resolve_hookpoint(lm, meta["hookpoint"]))
+        hookpoint = models.resolve_hookpoint(lm, meta["hookpoint"])
+        return cls(lm, tok, sae.to(device), hookpoint, device)
 
     def ids(self, text: str) -> list[int]:
         """Token ids as the service makes them for a plain-text prompt."""
@@ -58,11 +64,13 @@ def hand_activations(
         for row, p in enumerate(batch):
             ids[row, : len(p)] = torch.tensor(p)
             mask[row, : len(p)] = 1
+        ids, mask = ids.to(ld.device), mask.to(ld.device)
         resid = models.run_to_hookpoints(ld.model, ids, mask, [ld.hookpoint])[ld.hookpoint]
-        x = resid[mask.bool()]  # (N, d_in): real tokens only
+        x = resid[mask.bool()].float()  # (N, d_in): real tokens only
         f = ld.sae.encode(x)  # (N, d_sae)
         f.topk(top_k, dim=-1)
         tokens += len(x)
+    sync(ld.device)
     return tokens
 
 
@@ -103,8 +111,8 @@ def hf_generate(ld: Loaded, ids: list[int], max_new_tokens: int) -> GenTiming:
     """Greedy ``model.generate`` with its KV cache; EOS may end it early."""
     timer = _Timer()
     ld.model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        torch.tensor([ids], device=ld.device),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=ld.device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         use_cache=True,

@@ -100,6 +100,14 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def sync(device: Any) -> None:
+    """Wait for queued GPU work (before reading a clock); nothing on a CPU."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """Flags every benchmark takes: ``--quick``, ``--out``, ``--threads``, ``--rounds``."""
     p = argparse.ArgumentParser(description=description)
@@ -111,6 +119,19 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         default=1,
         help="torch threads for the baseline and the candidate alike (default 1: on a shared "
         "2-core machine more threads than free cores make every op wait on a busy core)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the service, the baselines and the trainers run (cuda: one GPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the model's weights in the service and the serving baselines (SAEs and training "
+        "stay float32); bfloat16 on a GPU",
     )
     p.add_argument("--rounds", type=int, default=None, help="repetitions (default per script)")
     p.add_argument("--no-report", action="store_true", help="do not refresh BENCHMARKS.md")
@@ -254,11 +275,19 @@ def write_run(
         args.out,
         name,
         title=title,
-        params=res["params"] | {threads_key: args.threads},
+        params=res["params"] | {threads_key: args.threads} | _placement(args),
         rows=res["rows"],
         targets=res.get("targets", ()),
         series=res["series"],
     )
+
+
+def _placement(args: argparse.Namespace) -> dict[str, str]:
+    """Where it ran, for the record: the device, and the dtype when it is not float32."""
+    out = {"device": getattr(args, "device", "cpu")}
+    if getattr(args, "dtype", "float32") != "float32":
+        out["dtype"] = args.dtype
+    return out
 
 
 def bench_main(

@@ -46,6 +46,8 @@ class ServeSetup:
     model: str  # "default" or a model directory (the in-process baseline loads the same)
     sae_id: str
     sae_path: Path
+    device: str = "cpu"  # where the service runs; the in-process baselines run there too
+    dtype: str = "float32"  # the model's weights, in the service and the baselines
 
     def client(self) -> Any:
         from saescope.client import Client
@@ -53,12 +55,22 @@ class ServeSetup:
         return Client(self.grpc_target, application=self.application, timeout=600, retry=0)
 
 
-def app_args(sae_path: Path, *, torch_threads: int, model: str = "default") -> dict[str, Any]:
-    """The bench app: one replica on CPU with ``torch_threads`` threads and BENCH_LIMITS."""
+def app_args(
+    sae_path: Path,
+    *,
+    torch_threads: int,
+    model: str = "default",
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """The bench app: one replica with ``torch_threads`` threads and BENCH_LIMITS, on the CPU or
+    on one GPU (``device="cuda"``)."""
     return {
         "model": model,
         "saes": [{"sae_id": BENCH_SAE_ID, "path": str(sae_path)}],
-        "device": "cpu",
+        "device": device,
+        "dtype": dtype,
+        "num_gpus": 1 if device == "cuda" else 0,
         "num_cpus": 1,
         "torch_threads": torch_threads,
         "limits": BENCH_LIMITS,
@@ -66,7 +78,9 @@ def app_args(sae_path: Path, *, torch_threads: int, model: str = "default") -> d
 
 
 @contextmanager
-def serve_default(*, torch_threads: int = 1) -> Iterator[ServeSetup]:
+def serve_default(
+    *, torch_threads: int = 1, device: str = "cpu", dtype: str = "float32"
+) -> Iterator[ServeSetup]:
     """The default model and a random SAE at layer 15, served locally."""
     with tempfile.TemporaryDirectory(prefix="saescope-bench-") as tmp:
         sae = build_random_sae(
@@ -76,8 +90,9 @@ def serve_default(*, torch_threads: int = 1) -> Iterator[ServeSetup]:
             d_in=576,
             d_sae=4096,
         )
-        with start_app(app_args(sae, torch_threads=torch_threads)) as target:
-            yield ServeSetup(target, APP_NAME, "default", BENCH_SAE_ID, sae)
+        args = app_args(sae, torch_threads=torch_threads, device=device, dtype=dtype)
+        with start_app(args) as target:
+            yield ServeSetup(target, APP_NAME, "default", BENCH_SAE_ID, sae, device, dtype)
 
 
 def serve_main(
@@ -89,7 +104,9 @@ def serve_main(
     model and a random SAE served locally (``serve_default``), then the report refreshed."""
 
     def served(args: argparse.Namespace) -> None:
-        with serve_default(torch_threads=args.threads) as setup:
+        with serve_default(
+            torch_threads=args.threads, device=args.device, dtype=args.dtype
+        ) as setup:
             measure(setup, args)
 
     bench_main(base_parser(description), argv, served)

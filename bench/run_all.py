@@ -8,6 +8,7 @@ so it never replaces real results.
     python -m bench.run_all                 # everything, ~30 min on a 2-core machine
     python -m bench.run_all --quick         # a few minutes: do the scripts still work?
     python -m bench.run_all --only serve_activations,train_speed
+    python -m bench.run_all --device cuda --dtype bfloat16      # on a GPU node
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     if serve:
         from bench.launcher import serve_default
 
-        with serve_default(torch_threads=args.threads) as setup:
+        with serve_default(
+            torch_threads=args.threads, device=args.device, dtype=args.dtype
+        ) as setup:
             for m in serve:
                 timed(m.NAME, partial(m.measure, setup, args))
     for m in chosen:

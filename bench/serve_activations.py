@@ -59,7 +59,7 @@ def run(
     concurrencies: tuple[int, ...],
     rounds: int,
 ) -> dict[str, Any]:
-    ld = Loaded.load(setup.model, setup.sae_path)
+    ld = Loaded.load(setup.model, setup.sae_path, setup.device, setup.dtype)
     prompts = common.make_prompts(
         ld.tokenizer, n_prompts, min_tokens=min_tokens, max_tokens=max_tokens
     )

@@ -44,7 +44,7 @@ def stream_once(
 
 
 def run(setup: ServeSetup, *, max_new_tokens: int, rounds: int) -> dict[str, Any]:
-    ld = Loaded.load(setup.model, setup.sae_path)
+    ld = Loaded.load(setup.model, setup.sae_path, setup.device, setup.dtype)
     (prompt,) = common.make_prompts(ld.tokenizer, 1, min_tokens=24, max_tokens=24, seed=3)
     ids = ld.ids(prompt)
     client = setup.client()

@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.common import DEFAULT_CORPUS, DEFAULT_HOOKPOINT, TRAIN_CORPUS, base_parser, documents
+from bench.common import (
+    DEFAULT_CORPUS,
+    DEFAULT_HOOKPOINT,
+    TRAIN_CORPUS,
+    base_parser,
+    documents,
+    sync,
+)
 from saescope.training import models
 
 CONTEXT = 128
@@ -57,8 +64,10 @@ def activations(
     model: str = "default",
     hookpoint: str = DEFAULT_HOOKPOINT,
     cache: bool = True,
+    device: str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """``(train (n_train, d_in), eval (n_eval, d_in))`` float32 rows, from the cache if there."""
+    """``(train (n_train, d_in), eval (n_eval, d_in))`` float32 rows on the CPU, from the cache
+    if there (else computed with the model on ``device``)."""
     path = models.resolve_model(model)
     key = json.dumps([VERSION, path, hookpoint, n_train, n_eval, CONTEXT, OUTLIER_FACTOR])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -68,7 +77,7 @@ def activations(
 
         t = load_file(str(file))
         return t["train"], t["eval"]
-    lm, tok = models.load_model(model, device="cpu")
+    lm, tok = models.load_model(model, device=device)
     hookpoint = models.resolve_hookpoint(lm, hookpoint)
     start = time.perf_counter()
     train = _rows(lm, tok, hookpoint, TRAIN_CORPUS, n_train, seed=0)
@@ -108,10 +117,11 @@ def _rows(lm: object, tok: object, hookpoint: str, corpus: Path, n: int, *, seed
     contexts = _contexts(tok, corpus)
     while have < n:
         ids = torch.tensor([next(contexts) for _ in range(MODEL_BATCH)])  # (B, T)
-        resid = models.run_to_hookpoints(lm, ids, None, [hookpoint])[hookpoint]  # type: ignore[arg-type]
+        device = next(lm.parameters()).device  # type: ignore[attr-defined]
+        resid = models.run_to_hookpoints(lm, ids.to(device), None, [hookpoint])[hookpoint]  # type: ignore[arg-type]
         keep = ~torch.isin(ids, special)
         keep[:, 0] = False  # the attention sink
-        rows = resid[keep].float()  # (N, d_in)
+        rows = resid.cpu()[keep].float()  # (N, d_in)
         norms = rows.norm(dim=-1)
         rows = rows[norms <= OUTLIER_FACTOR * norms.median()]
         parts.append(rows)
@@ -128,8 +138,8 @@ class Batches:
     estimate), so the gaps between the last ``n`` calls are the last ``n`` steps' durations.
     """
 
-    def __init__(self, x: Tensor, batch_size: int) -> None:
-        self.x, self.batch_size = x, batch_size
+    def __init__(self, x: Tensor, batch_size: int, device: str = "cpu") -> None:
+        self.x, self.batch_size, self.device = x.to(device), batch_size, device
         self.i = 0
         self.times: list[float] = []
 
@@ -137,6 +147,7 @@ class Batches:
         return self
 
     def __next__(self) -> Tensor:
+        sync(self.device)  # the previous step's GPU work is done before the clock is read
         self.times.append(time.perf_counter())
         n = len(self.x) // self.batch_size
         b = self.i % n

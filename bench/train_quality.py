@@ -50,13 +50,24 @@ def run(
     lr: float,
     lambdas: tuple[float, ...],
     k: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     d_in = x.shape[1]
     points: list[dict[str, Any]] = []
     runs = [("relu", lam) for lam in lambdas] + [("topk", None)]
     for arch, lam in runs:
         for name in TRAINERS:
-            spec = Spec(arch, d_in, d_sae, batch_size, steps, lr=lr, l1=lam or 0.0, k=k)  # type: ignore[arg-type]
+            spec = Spec(
+                arch,  # type: ignore[arg-type]
+                d_in,
+                d_sae,
+                batch_size,
+                steps,
+                lr=lr,
+                l1=lam or 0.0,
+                k=k,
+                device=device,
+            )
             m = evaluate(TRAINERS[name](spec, x), x_eval)
             points.append(
                 {"trainer": name, "architecture": arch, "l1": lam, "k": k if lam is None else None}
@@ -126,13 +137,39 @@ def run(
 
 def measure(args: argparse.Namespace) -> None:
     if args.quick:
-        x, x_eval = train_data.activations(4096, 1024, model=args.model, hookpoint=args.hookpoint)
-        res = run(x, x_eval, d_sae=128, batch_size=256, steps=12, lr=1e-3, lambdas=(2.0, 10.0), k=8)
+        x, x_eval = train_data.activations(
+            4096, 1024, model=args.model, hookpoint=args.hookpoint, device=args.device
+        )
+        res = run(
+            x,
+            x_eval,
+            d_sae=128,
+            batch_size=256,
+            steps=12,
+            lr=1e-3,
+            lambdas=(2.0, 10.0),
+            k=8,
+            device=args.device,
+        )
     else:
         x, x_eval = train_data.activations(
-            train_data.N_TRAIN, train_data.N_EVAL, model=args.model, hookpoint=args.hookpoint
+            train_data.N_TRAIN,
+            train_data.N_EVAL,
+            model=args.model,
+            hookpoint=args.hookpoint,
+            device=args.device,
         )
-        res = run(x, x_eval, d_sae=2048, batch_size=1024, steps=192, lr=1e-3, lambdas=LAMBDAS, k=32)
+        res = run(
+            x,
+            x_eval,
+            d_sae=2048,
+            batch_size=1024,
+            steps=192,
+            lr=1e-3,
+            lambdas=LAMBDAS,
+            k=32,
+            device=args.device,
+        )
     common.write_run(
         args,
         NAME,

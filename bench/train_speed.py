@@ -51,12 +51,13 @@ def step_flops(n: int, d_in: int, d_sae: int, matmuls: int = 6) -> float:
     return matmuls * 2 * n * d_in * d_sae
 
 
-def matmul_flops_per_s(n: int, d_in: int, d_sae: int, repeats: int) -> float:
+def matmul_flops_per_s(n: int, d_in: int, d_sae: int, repeats: int, device: str = "cpu") -> float:
     """Median FLOP/s of torch.mm over the six matmul shapes of a step, run back to back."""
     g = torch.Generator().manual_seed(0)
     x, f = torch.randn(n, d_in, generator=g), torch.randn(n, d_sae, generator=g)
     w_enc, w_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
     g_out = torch.randn(n, d_in, generator=g)
+    x, f, w_enc, w_dec, g_out = (t.to(device) for t in (x, f, w_enc, w_dec, g_out))
 
     def six() -> None:
         torch.mm(x, w_enc)  # encoder forward (N, d_sae)
@@ -69,8 +70,10 @@ def matmul_flops_per_s(n: int, d_in: int, d_sae: int, repeats: int) -> float:
     six()
     times = []
     for _ in range(repeats):
+        common.sync(device)
         t = time.perf_counter()
         six()
+        common.sync(device)
         times.append(time.perf_counter() - t)
     return step_flops(n, d_in, d_sae) / common.median(times)
 
@@ -83,6 +86,7 @@ def run(
     timed: int,
     rounds: int,
     archs: tuple[Arch, ...],
+    device: str = "cpu",
 ) -> dict[str, Any]:
     d_in = x.shape[1]
     steps = SCALE_BATCHES + WARMUP_STEPS + timed
@@ -90,10 +94,18 @@ def run(
     step_s: dict[str, list[float]] = {f"{a}/{t}": [] for a in archs for t in TRAINERS}
     mm: list[float] = []
     for r in range(rounds):
-        mm.append(matmul_flops_per_s(batch_size, d_in, d_sae, repeats=3))
+        mm.append(matmul_flops_per_s(batch_size, d_in, d_sae, repeats=3, device=device))
         for arch in archs:
             spec = Spec(
-                arch, d_in, d_sae, batch_size, steps, k=32, seed=r, scale_batches=SCALE_BATCHES
+                arch,
+                d_in,
+                d_sae,
+                batch_size,
+                steps,
+                k=32,
+                seed=r,
+                scale_batches=SCALE_BATCHES,
+                device=device,
             )
             for name in common.rotate(list(TRAINERS), r):
                 result = TRAINERS[name](spec, x)
@@ -147,13 +159,35 @@ def run(
 
 def measure(args: argparse.Namespace) -> None:
     if args.quick:
-        x, _ = train_data.activations(4096, 1024, model=args.model, hookpoint=args.hookpoint)
-        res = run(x, d_sae=256, batch_size=256, timed=2, rounds=args.rounds or 1, archs=ARCHS)
+        x, _ = train_data.activations(
+            4096, 1024, model=args.model, hookpoint=args.hookpoint, device=args.device
+        )
+        res = run(
+            x,
+            d_sae=256,
+            batch_size=256,
+            timed=2,
+            rounds=args.rounds or 1,
+            archs=ARCHS,
+            device=args.device,
+        )
     else:
         x, _ = train_data.activations(
-            train_data.N_TRAIN, train_data.N_EVAL, model=args.model, hookpoint=args.hookpoint
+            train_data.N_TRAIN,
+            train_data.N_EVAL,
+            model=args.model,
+            hookpoint=args.hookpoint,
+            device=args.device,
         )
-        res = run(x, d_sae=4096, batch_size=4096, timed=6, rounds=args.rounds or 3, archs=ARCHS)
+        res = run(
+            x,
+            d_sae=4096,
+            batch_size=4096,
+            timed=6,
+            rounds=args.rounds or 3,
+            archs=ARCHS,
+            device=args.device,
+        )
     common.write_run(
         args, NAME, res, title="SAE training speed: saescope vs SAELens (same activations)"
     )

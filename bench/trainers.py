@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bench.common import sync
 from bench.train_data import Batches
 
 if TYPE_CHECKING:
-    from saescope.training.sae import SAE
     from saescope.training.trainer import Trainer
 
 Arch = Literal["relu", "topk"]
@@ -52,6 +52,7 @@ class Spec:
     k: int = 32
     seed: int = 0
     scale_batches: int = SCALE_BATCHES
+    device: str = "cpu"  # both trainers train here (float32)
 
     @property
     def tokens(self) -> int:
@@ -73,9 +74,9 @@ class Run:
     reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-def saescope_trainer(spec: Spec, sae_cls: type[SAE] | None = None) -> Trainer:
-    """saescope's Trainer with ``spec``'s hyperparameters on a fresh SAE of class ``sae_cls``
-    (default ``SAE``), its weights initialised from ``spec.seed``."""
+def saescope_trainer(spec: Spec) -> Trainer:
+    """saescope's Trainer with ``spec``'s hyperparameters on a fresh SAE on ``spec.device``,
+    its weights initialised from ``spec.seed``."""
     from saescope.training.config import TrainSection
     from saescope.training.sae import SAE, SAEConfig
     from saescope.training.trainer import Trainer
@@ -89,22 +90,23 @@ def saescope_trainer(spec: Spec, sae_cls: type[SAE] | None = None) -> Trainer:
         seed=spec.seed,
     )
     k = spec.k if spec.arch == "topk" else None
-    sae = (sae_cls or SAE)(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
+    sae = SAE(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
     sae.init_weights(torch.Generator().manual_seed(spec.seed))
-    return Trainer(sae, cfg, total_steps=spec.steps)
+    return Trainer(sae.to(spec.device), cfg, total_steps=spec.steps)
 
 
 def train_saescope(spec: Spec, x: Tensor) -> Run:
     trainer = saescope_trainer(spec)
-    batches = Batches(x, spec.batch_size)
+    batches = Batches(x, spec.batch_size, spec.device)
     trainer.fit(batches)
+    sync(spec.device)
     end = time.perf_counter()
     assert trainer.scale is not None
     exported = trainer.sae.export(trainer.scale)
 
     def reconstruct(v: Tensor) -> tuple[Tensor, Tensor]:
-        f = exported.encode(v)
-        return exported.decode(f), f
+        f = exported.encode(v.to(spec.device))
+        return exported.decode(f).cpu(), f.cpu()
 
     return Run(batches.step_times(spec.timed_steps, end), reconstruct)
 
@@ -131,6 +133,7 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
                 d_in=spec.d_in,
                 d_sae=spec.d_sae,
                 apply_b_dec_to_input=False,
+                device=spec.device,
                 normalize_activations="expected_average_only_in",
                 l1_coefficient=spec.l1,
                 l1_warm_up_steps=warmup,
@@ -143,6 +146,7 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
                 d_sae=spec.d_sae,
                 k=spec.k,
                 normalize_activations="expected_average_only_in",
+                device=spec.device,
             )
         )
     cfg = SAETrainerConfig(
@@ -154,19 +158,20 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
         lr_decay_steps=round(0.2 * spec.steps),
         adam_beta1=0.9,
         adam_beta2=0.999,
-        device="cpu",
+        device=spec.device,
         n_batches_for_norm_estimate=spec.scale_batches,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    batches = Batches(x, spec.batch_size)
+    batches = Batches(x, spec.batch_size, spec.device)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches)
     trained = trainer.fit()  # folds the normalisation into the weights: model units
+    sync(spec.device)
     end = time.perf_counter()
     trained.eval()
 
     def reconstruct(v: Tensor) -> tuple[Tensor, Tensor]:
-        f = trained.encode(v)
-        return trained.decode(f), f
+        f = trained.encode(v.to(spec.device))
+        return trained.decode(f).cpu(), f.cpu()
 
     return Run(batches.step_times(spec.timed_steps, end), reconstruct)
 

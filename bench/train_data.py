@@ -93,6 +93,15 @@ def activations(
     return train, held
 
 
+def activations_for(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    """The activations a training bench uses: small for ``--quick``, else the full set; the
+    model, hookpoint and device from ``args`` (see :func:`parser`)."""
+    n_train, n_eval = (4096, 1024) if args.quick else (N_TRAIN, N_EVAL)
+    return activations(
+        n_train, n_eval, model=args.model, hookpoint=args.hookpoint, device=args.device
+    )
+
+
 def _contexts(tok: object, corpus: Path) -> Iterator[list[int]]:
     """Packed contexts of CONTEXT token ids: documents joined by EOS, no BOS; a corpus too
     small for the rows wanted is read again (only the smoke test's fallback texts are)."""

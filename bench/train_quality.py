@@ -136,40 +136,12 @@ def run(
 
 
 def measure(args: argparse.Namespace) -> None:
+    x, x_eval = train_data.activations_for(args)
     if args.quick:
-        x, x_eval = train_data.activations(
-            4096, 1024, model=args.model, hookpoint=args.hookpoint, device=args.device
-        )
-        res = run(
-            x,
-            x_eval,
-            d_sae=128,
-            batch_size=256,
-            steps=12,
-            lr=1e-3,
-            lambdas=(2.0, 10.0),
-            k=8,
-            device=args.device,
-        )
+        sizes = {"d_sae": 128, "batch_size": 256, "steps": 12, "lambdas": (2.0, 10.0), "k": 8}
     else:
-        x, x_eval = train_data.activations(
-            train_data.N_TRAIN,
-            train_data.N_EVAL,
-            model=args.model,
-            hookpoint=args.hookpoint,
-            device=args.device,
-        )
-        res = run(
-            x,
-            x_eval,
-            d_sae=2048,
-            batch_size=1024,
-            steps=192,
-            lr=1e-3,
-            lambdas=LAMBDAS,
-            k=32,
-            device=args.device,
-        )
+        sizes = {"d_sae": 2048, "batch_size": 1024, "steps": 192, "lambdas": LAMBDAS, "k": 32}
+    res = run(x, x_eval, lr=1e-3, device=args.device, **sizes)  # type: ignore[arg-type]
     common.write_run(
         args,
         NAME,

@@ -158,36 +158,12 @@ def run(
 
 
 def measure(args: argparse.Namespace) -> None:
+    x, _ = train_data.activations_for(args)
     if args.quick:
-        x, _ = train_data.activations(
-            4096, 1024, model=args.model, hookpoint=args.hookpoint, device=args.device
-        )
-        res = run(
-            x,
-            d_sae=256,
-            batch_size=256,
-            timed=2,
-            rounds=args.rounds or 1,
-            archs=ARCHS,
-            device=args.device,
-        )
+        sizes = {"d_sae": 256, "batch_size": 256, "timed": 2, "rounds": args.rounds or 1}
     else:
-        x, _ = train_data.activations(
-            train_data.N_TRAIN,
-            train_data.N_EVAL,
-            model=args.model,
-            hookpoint=args.hookpoint,
-            device=args.device,
-        )
-        res = run(
-            x,
-            d_sae=4096,
-            batch_size=4096,
-            timed=6,
-            rounds=args.rounds or 3,
-            archs=ARCHS,
-            device=args.device,
-        )
+        sizes = {"d_sae": 4096, "batch_size": 4096, "timed": 6, "rounds": args.rounds or 3}
+    res = run(x, archs=ARCHS, device=args.device, **sizes)
     common.write_run(
         args, NAME, res, title="SAE training speed: saescope vs SAELens (same activations)"
     )

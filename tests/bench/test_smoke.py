@@ -12,31 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import (
-    common,
-    report,
-    serve_activations,
-    serve_contrast,
-    serve_memory,
-    serve_overhead,
-    serve_steering,
-    serve_streams,
-    train_data,
-    train_quality,
-    train_speed,
-)
+from bench import common, report, run_all, train_data
 from bench.launcher import ServeSetup
 from tests.service.engine_fixtures import build_tiny_model
 from tests.support.serve import ServeInstance
-
-SERVE = (
-    serve_overhead,
-    serve_activations,
-    serve_steering,
-    serve_streams,
-    serve_contrast,
-    serve_memory,
-)
 
 
 def _check(out: Path, name: str) -> dict:
@@ -54,7 +33,7 @@ def test_train_benches_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     model = build_tiny_model(tmp_path / "model", num_layers=2)
     out = tmp_path / "out"
     flags = ["--quick", "--out", str(out), "--model", str(model), "--hookpoint", "model.layers.1"]
-    for bench in (train_speed, train_quality):
+    for bench in run_all.TRAIN:  # every training bench ``make bench`` runs
         bench.main(flags)
         _check(out, bench.NAME)
 
@@ -69,7 +48,7 @@ def test_serve_benches_run(serve_instance: ServeInstance, tmp_path: Path) -> Non
         sae_path=serve_instance.sae_paths[sae_id],
     )
     args = common.base_parser("").parse_args(["--quick", "--out", str(tmp_path)])
-    for bench in SERVE:
+    for bench in run_all.SERVE:  # every serving bench ``make bench`` runs
         bench.measure(setup, args)
         _check(tmp_path, bench.NAME)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from saescope.training import checkpoint
+from saescope.training.paths import sha256_file
 from saescope.training.sae import SAE, SAEConfig
 
 D_IN, D_SAE = 48, 192
@@ -93,7 +94,7 @@ def test_truncated_weights_with_a_matching_hash_are_refused(tmp_path: Path) -> N
     weights.write_bytes(weights.read_bytes()[:-100])
     meta_file = path / checkpoint.META_FILE
     meta = json.loads(meta_file.read_text())
-    meta["files"][checkpoint.WEIGHTS_FILE] = checkpoint._sha256(weights)
+    meta["files"][checkpoint.WEIGHTS_FILE] = sha256_file(weights)
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
         checkpoint.load_sae(path)

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saescope.training.activations import Position, RowStream
+from saescope.training.paths import sha256_file
 
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
@@ -114,7 +115,7 @@ class ActivationCache:
                 break
             name = f"shard_{len(shards):05d}.safetensors"
             save_file({"rows": chunk.detach().cpu().contiguous()}, str(out / name))
-            shards.append({"file": name, "rows": len(chunk), "sha256": _sha256(out / name)})
+            shards.append({"file": name, "rows": len(chunk), "sha256": sha256_file(out / name)})
             written += len(chunk)
             dtype = str(chunk.dtype).removeprefix("torch.")
             bar.update(len(chunk))
@@ -181,14 +182,6 @@ class CachedRows:
             except (SafetensorError, KeyError) as e:
                 raise CacheError(f"activation cache: cannot read {f}: {e}") from e
         return self._loaded[1]
-
-
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with f.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(root: Path) -> None:

@@ -16,7 +16,6 @@ either the old checkpoint or the complete new one, never a half-written one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saescope.training.paths import sha256_file
 from saescope.training.sae import SAE, SAEConfig
 
 FORMAT_VERSION = 1
@@ -99,7 +99,7 @@ def _write_contents(
         "format_version": FORMAT_VERSION,
         **meta,
         "sae": sae.cfg.to_dict(),
-        "files": {rel: _sha256(out / rel) for rel in _payload_files(out)},
+        "files": {rel: sha256_file(out / rel) for rel in _payload_files(out)},
     }
     _write_json(out / META_FILE, full_meta)
     _fsync_tree(out)
@@ -175,7 +175,7 @@ def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint: {path} is missing {rel}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(
                 f"checkpoint: {f} does not match its recorded sha256 (corrupt or truncated)"
             )
@@ -221,14 +221,6 @@ def _load_tensors(f: Path) -> dict[str, Tensor]:
 # ---- helpers -------------------------------------------------------------------------------------
 def _payload_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with f.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(f: Path, obj: Any) -> None:

@@ -42,7 +42,6 @@ from saescope.training.corpus_fetch import (
     Registry,
     fetch_all,
     iter_members,
-    sha256_file,
 )
 from saescope.training.corpus_text import (
     fortunes,
@@ -54,7 +53,7 @@ from saescope.training.corpus_text import (
     paragraphs,
     roff,
 )
-from saescope.training.paths import default_cache_dir
+from saescope.training.paths import default_cache_dir, sha256_file
 
 CORPUS_NAME = "default-v1"
 CHUNK_CHARS = 4000  # ~1,000 SmolLM2 tokens: a few model contexts per document

@@ -7,7 +7,6 @@ is read without dpkg: it is an ``ar`` archive whose ``data.tar.*`` member holds 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from saescope.training.paths import sha256_file
 
 
 class CorpusError(RuntimeError):
@@ -36,15 +37,6 @@ class Package:
     version: str
     sha256: str
     licence: str
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def artifact_path(downloads: Path, package: Package) -> Path:

@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtualenv with the right torch, the project with every extra,
 # and the system tools the tests use (promtool). Safe to run again.
+#
+#   scripts/setup.sh VENV TORCH_CPU [locked|latest]
+#
+# locked (the default): every package at the version in constraints.txt, the versions the suite
+# passed with. latest: the newest versions pyproject's ranges allow (`make test-latest`), torch
+# kept at TORCH_CPU where there is no GPU (the newest torch on PyPI is a multi-GB CUDA build).
 set -euo pipefail
 venv=${1:-.venv}
 torch_cpu=${2:-torch==2.13.0}
+mode=${3:-locked}
+case "$mode" in
+    locked) pins=(-c constraints.txt) ;;
+    latest) pins=(--upgrade --upgrade-strategy eager) ;;
+    *) echo "setup: mode must be 'locked' or 'latest', got '$mode'" >&2; exit 2 ;;
+esac
 
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
@@ -12,12 +24,12 @@ python3 -m venv "$venv"
 # and pip does not pull the CUDA build.
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-        "$venv/bin/python" -m pip install -q torch
+        "$venv/bin/python" -m pip install -q -c constraints.txt torch
     else
         "$venv/bin/python" -m pip install -q "$torch_cpu"
     fi
 fi
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+"$venv/bin/python" -m pip install -q "${pins[@]}" -e ".[dev]"
 
 # Debian package lists: the default corpus is assembled from pinned Debian packages
 # (`apt-get download`, no install), and promtool (Debian's prometheus package) validates and

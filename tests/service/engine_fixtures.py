@@ -4,9 +4,9 @@ Import as ``tests.service.engine_fixtures`` (the repository root must be on ``sy
 ``python -m pytest`` from the root puts it there). Everything is deterministic (seeded) and
 takes well under a second after the tokenizer's first load.
 
-- ``build_tiny_model(dir)``: a random Llama of width 64 with the SmolLM2 tokenizer (and its chat
-  template), saved as a normal model directory. Needs the cached default model's tokenizer
-  files (``~/.cache/saescope/models/SmolLM2-135M-Instruct``); no hub access.
+- ``build_tiny_model(dir)``: a random Llama of width 64 with the tiny test tokenizer
+  (``tests/support/tiny_tokenizer.py``: SmolLM2's special tokens and chat template, built in the
+  session), saved as a normal model directory. Needs no download and no cache.
 - ``build_tiny_sae(dir, model_dir, hookpoint)``: an exported SAE checkpoint for that model,
   with a ``sparsity.safetensors`` so feature densities are known.
 - ``build_planted_sae(dir, model_dir, hookpoint)``: the same, but feature ``PLANTED_FEATURE``
@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 
 from saescope.service.types import Limits
-from saescope.training import checkpoint, models
+from saescope.training import checkpoint
 from saescope.training.sae import SAE, SAEConfig
+from tests.support.tiny_tokenizer import build_tiny_tokenizer
 
 if TYPE_CHECKING:
     from saescope.service.engine import Engine
@@ -62,26 +63,19 @@ CALIBRATION = (
 )
 
 
-def tokenizer_source() -> Path:
-    """The cached default model's directory, whose tokenizer files the tiny model reuses."""
-    return models.default_model_dir()
-
-
 def build_tiny_model(
     out_dir: Path, *, num_layers: int = N_LAYERS, seed: int = 0, chat_template: bool = True
 ) -> Path:
-    """Save a random Llama (width 64, ``num_layers`` blocks) and SmolLM2's tokenizer to ``out_dir``.
+    """Save a random Llama (width 64, ``num_layers`` blocks) and the tiny tokenizer to ``out_dir``.
 
     With a real model's ``initializer_range`` (0.02) the early residual stream is dominated by
     the token embedding, so a token detector is a linear feature (``build_planted_sae``).
     ``chat_template=False`` saves a tokenizer without a template (to test that error path).
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tok = AutoTokenizer.from_pretrained(tokenizer_source())
-    if not chat_template:
-        tok.chat_template = None
+    tok = build_tiny_tokenizer(chat_template=chat_template)
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=D_MODEL,

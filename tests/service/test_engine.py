@@ -39,7 +39,8 @@ def chat(*messages: tuple[str, str], gen: bool = False) -> t.Prompt:
 # ---- loading and info ----------------------------------------------------------------------------
 def test_info(engine: Engine) -> None:
     info = engine.info()
-    assert (info.num_layers, info.d_model, info.vocab_size) == (4, 64, 49152)
+    assert (info.num_layers, info.d_model) == (4, 64)
+    assert info.vocab_size == len(engine.rt.tokenizer)
     assert info.dtype == "float32" and info.device == "cpu" and info.has_chat_template
     assert info.default_sae_id == "main" and info.limits == TEST_LIMITS
     saes = {s.sae_id: s for s in info.saes}

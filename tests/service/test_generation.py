@@ -326,13 +326,11 @@ def test_stop_prefix_is_held_back(engine: Engine) -> None:
 # ---- the real default model ----------------------------------------------------------------------
 @pytest.mark.default_model
 @pytest.mark.slow
-def test_default_model_end_to_end(tmp_path) -> None:
+def test_default_model_end_to_end(tmp_path, default_model_dir) -> None:
     """SmolLM2-135M-Instruct: exact features, baseline = HF greedy, batched = alone."""
-    from saescope.training import checkpoint, models
+    from saescope.training import checkpoint
     from saescope.training.sae import SAE, SAEConfig
 
-    if not (models.default_model_dir() / "model.safetensors").is_file():
-        pytest.skip("the default model is not cached")
     sae = SAE(SAEConfig(d_in=576, d_sae=256))
     sae.init_weights(torch.Generator().manual_seed(0), dec_norm=1.0)
     with torch.no_grad():

@@ -112,11 +112,14 @@ def test_clamp_to_current_value_is_a_no_op_on_logits(engine: Engine) -> None:
 
 
 def test_identity_edits_are_exact_no_ops_on_every_position(engine: Engine) -> None:
-    ids = [tok.id for tok in engine.tokenize(t.Prompt(text="The cat sat on the mat.")).tokens]
+    prompt = t.Prompt(text="The cat sat on the mat.")
+    ids = [tok.id for tok in engine.tokenize(prompt).tokens]
+    acts = engine.activations(t.ActivationsRequest([prompt], top_k_per_token=1, sae_id="topk"))
+    f1, f2 = acts.prompts[0].token_top_features[1].features[0], 1  # one that fires, one any
     plain = logits(engine, ids, [])
-    same = logits(engine, ids, [Edit(1, "multiply", 1.0), Edit(2, "add", 0.0)], sae_id="topk")
+    same = logits(engine, ids, [Edit(f1, "multiply", 1.0), Edit(f2, "add", 0.0)], sae_id="topk")
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
-    ablated = logits(engine, ids, [Edit(1, "ablate"), Edit(2, "ablate")], sae_id="topk")
+    ablated = logits(engine, ids, [Edit(f1, "ablate"), Edit(f2, "ablate")], sae_id="topk")
     assert (ablated - plain).abs().max() > 0
 
 
@@ -182,12 +185,14 @@ def test_intervention_errors(engine: Engine, edits: list, error: type, field: st
 
 def test_disjoint_scopes_on_one_feature_are_allowed(engine: Engine) -> None:
     edits = [Edit(5, "clamp", 3.0, "prompt"), Edit(5, "clamp", -3.0, "generated")]
+    prompt = t.Prompt(text="Hi there")
+    n = len(engine.tokenize(prompt).tokens)
     req = t.GenerateRequest(
-        prompt=t.Prompt(text="Hi there"),
+        prompt=prompt,
         interventions=edits,
         sampling=t.Sampling(max_new_tokens=3),
         include_trace=True,
     )
     trace = engine.generate(req).steered.trace
     assert len(trace) == 1 and trace[0].feature == 5
-    assert trace[0].steered == pytest.approx([3.0, 3.0, -3.0, -3.0])  # 2 prompt + 2 fed back
+    assert trace[0].steered == pytest.approx([3.0] * n + [-3.0] * 2)  # the prompt + 2 fed back

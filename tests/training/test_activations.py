@@ -302,11 +302,11 @@ def test_a_short_cache_is_rebuilt_and_a_corrupt_one_refused(
 # ---- the default model -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.default_model
-def test_default_model_attention_sinks_are_left_out(text_dir: Path) -> None:
+def test_default_model_attention_sinks_are_left_out(
+    text_dir: Path, default_model_dir: Path
+) -> None:
     """SmolLM2's first position (and a few later ones) carry ~100× norms; training skips them."""
-    if not (models.default_model_dir() / "config.json").is_file():
-        pytest.skip("needs the cached default model")
-    model, tok = models.load_model("default", device="cpu")
+    model, tok = models.load_model(str(default_model_dir), device="cpu")
     data = DataConfig(source=str(text_dir))
     hook = "model.layers.15"
 

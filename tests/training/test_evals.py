@@ -21,8 +21,8 @@ from saescope.cli.main import main
 from saescope.training import checkpoint, evals, models
 from saescope.training.eval_plots import write_report
 from saescope.training.sae import SAE, SAEConfig
+from tests.support.tiny_tokenizer import build_tiny_tokenizer
 
-SMOL = models.default_model_dir()
 D = 64
 HOOK = "model.layers.0"
 TEXTS = [
@@ -35,12 +35,11 @@ TEXTS = [
 # ---- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer Llama of width 64 with SmolLM2's tokenizer, saved so it loads by path."""
-    if not (SMOL / "tokenizer.json").is_file():
-        pytest.skip(f"needs the SmolLM2 tokenizer files in {SMOL}")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A random 2-layer Llama of width 64 with the tiny test tokenizer (SmolLM2's special tokens
+    and chat template), saved so it loads by path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(SMOL)
+    tok = build_tiny_tokenizer()
     cfg = LlamaConfig(
         hidden_size=D,
         intermediate_size=128,
@@ -206,7 +205,8 @@ def test_identity_sae_recovers_everything(tiny: tuple[Any, Any]) -> None:
     m = result.metrics
     assert m.fvu < 1e-10 and m.mse < 1e-8
     assert m.kl < 1e-8 and abs(m.delta_ce) < 1e-8
-    assert abs(m.ce_zero - m.ce_clean) > 0.1  # zeroing matters, so recovery is meaningful
+    # zeroing matters (the span is not 0 and the predictions move), so recovery is meaningful
+    assert abs(m.ce_zero - m.ce_clean) > 1e-2 and m.kl_zero > 0.5
     assert m.ce_recovered == pytest.approx(1.0, abs=1e-6)
     assert m.shrinkage == pytest.approx(1.0) and m.l2_ratio == pytest.approx(1.0)
     assert m.l0 == D and m.dead_fraction == 0  # exactly one of relu(x_j), relu(−x_j) fires
@@ -369,8 +369,8 @@ def test_cli_errors(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 # ---- the real default model --------------------------------------------------------------------
 @pytest.mark.default_model
 @pytest.mark.slow
-def test_default_model_identity() -> None:
-    model, tok = models.load_model("default", device="cpu")
+def test_default_model_identity(default_model_dir: Path) -> None:
+    model, tok = models.load_model(str(default_model_dir), device="cpu")
     d_in = model.config.hidden_size
     m = evals.evaluate(model, tok, identity_sae(d_in), "model.layers.15", TEXTS[:2]).metrics
     assert 0.5 < m.ce_clean < 8 and m.ce_zero > m.ce_clean + 1

@@ -4,7 +4,8 @@ A plain-text prompt is tokenised with the tokenizer's default special tokens (Sm
 BOS; a Llama-2 tokenizer would). A chat is rendered with the model's chat template
 (``add_generation_prompt`` per request) and the rendered text is tokenised *without* adding
 special tokens, since the template writes its own. Offsets come from the fast tokenizer's offset
-mapping, so ``Token.start/end`` index the rendered text; ``special`` marks the tokenizer's
+mapping, so ``Token.start/end`` index the rendered text (made disjoint: a character split over
+several tokens belongs to the first); ``special`` marks the tokenizer's
 special ids (BOS, EOS, template markers).
 
 Validation errors name the field as the proto does: ``prompts[2].chat.messages[0].role``.
@@ -81,7 +82,7 @@ def encode(rt: ModelRuntime, prompt: Prompt, field: str, *, max_tokens: int) -> 
         raise InvalidArgument(field, "the prompt has no tokens")
     if len(ids) > max_tokens:
         raise OutOfRange(field, len(ids), max_tokens, "tokens")
-    offsets = enc.get("offset_mapping") or [(-1, -1)] * len(ids)
+    offsets = _disjoint(enc.get("offset_mapping") or [(-1, -1)] * len(ids))
     tokens = [
         Token(
             id=tid,
@@ -93,6 +94,23 @@ def encode(rt: ModelRuntime, prompt: Prompt, field: str, *, max_tokens: int) -> 
         for tid, (start, end) in zip(ids, offsets, strict=True)
     ]
     return Encoded(ids=ids, tokenized=Tokenized(text=text, tokens=tokens))
+
+
+def _disjoint(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Spans that never overlap: a character split over several byte-level tokens (``ö`` as two
+    tokens, both with the span of ``ö``) belongs to the first; the rest get an empty span at its
+    end. So the spans of a prompt's tokens tile its text, each character counted once."""
+    out: list[tuple[int, int]] = []
+    done = 0  # end of the last span handed out
+    for start, end in offsets:
+        if start is None or end is None or start < 0:
+            out.append((-1, -1))
+            continue
+        start = max(start, done)
+        end = max(end, start)
+        out.append((start, end))
+        done = end
+    return out
 
 
 def encode_many(

@@ -230,7 +230,9 @@ class Token(_message.Message):
     text: _builtins.str
     """The token's text (decoded on its own)."""
     start: _builtins.int
-    """Character span [start, end) in the rendered prompt text; -1 where unknown."""
+    """Character span [start, end) in the rendered prompt text; -1 where unknown. Spans never
+    overlap: a character split over several tokens belongs to the first (the others are empty).
+    """
     end: _builtins.int
     special: _builtins.bool
     """BOS, EOS, chat-template markers and other special tokens."""

@@ -45,7 +45,7 @@ lock: setup
 	bash scripts/lock.sh "$(VENV)"
 
 train: setup
-	$(VENV)/bin/saescope train --config configs/smollm2-135m-cpu.yaml
+	$(VENV)/bin/saescope train --config smollm2-135m-cpu
 
 serve: setup
 	$(VENV)/bin/saescope serve

@@ -16,8 +16,6 @@ from saescope.cli.main import main
 from saescope.training import checkpoint
 from saescope.training.config import ConfigError, TrainConfig, load_config
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_overrides_set_nested_typed_values(tmp_path: Path) -> None:
     f = tmp_path / "run.yaml"
@@ -77,12 +75,16 @@ def test_every_field_is_documented() -> None:
     walk(TrainConfig)
 
 
-@pytest.mark.parametrize(
-    "name", ["smollm2-135m-cpu.yaml", "smollm2-135m-gpu.yaml", "tiny-test.yaml"]
-)
-def test_shipped_configs_validate(name: str) -> None:
-    cfg = load_config(REPO / "configs" / name)
-    assert cfg.total_steps > 0
+def test_shipped_configs_are_found_by_name_and_validate() -> None:
+    from saescope.cli import presets
+
+    train_configs = [n for n in presets.names() if not n.startswith("serve-")]
+    assert set(train_configs) == {"smollm2-135m-cpu", "smollm2-135m-gpu", "tiny-test"}
+    for name in train_configs:
+        path = presets.resolve(name)
+        assert path == presets.resolve(f"{name}.yaml") and path.is_file()
+        assert load_config(path).total_steps > 0
+        assert presets.summary(name)  # each opens with a comment saying what it is
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -91,14 +93,17 @@ def test_cli_reports_bad_config_without_traceback(
 ) -> None:
     with pytest.raises(SystemExit) as e:
         main(["train"])  # neither --config nor --resume: a usage error
-    assert e.value.code == 2 and "--config FILE.yaml" in capsys.readouterr().err
+    assert e.value.code == 2 and "--config NAME|FILE.yaml" in capsys.readouterr().err
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  lr: -1\n")
     assert main(["train", "--config", str(f)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "saescope train: error: train.lr: Input should be greater than 0"
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "config: no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--config: " in err and "missing.yaml' is neither a file nor a shipped config" in err
+    assert main(["train", "--config", "no-such-preset"]) == 2
+    assert "(shipped: smollm2-135m-cpu, " in capsys.readouterr().err
     assert main(["train", "--config", str(f), "train.lr=1e-3", "data.source=/nonexistent"]) == 2
     assert "error: data.source: no such file or directory: /nonexistent" in capsys.readouterr().err
 
@@ -111,7 +116,7 @@ def test_cli_trains_a_checkpoint_sae_lens_loads(
     args = [
         "train",
         "--config",
-        str(REPO / "configs" / "tiny-test.yaml"),
+        "tiny-test",  # a shipped config, by name
         f"model={tiny_model_dir}",
         f"data.source={text_dir}",
         f"output.dir={out}",

@@ -1,12 +1,12 @@
 """``saescope serve``: run the service locally — Ray, Serve's gRPC proxy, the saescope app.
 
-``saescope serve [--config serve.yaml] [--grpc-port 9000] [--http-port 8000] [--model M]
+``saescope serve [--config NAME|serve.yaml] [--grpc-port 9000] [--http-port 8000] [--model M]
 [--sae ID=PATH …]`` starts Ray on this machine, Serve with its gRPC proxy (and the HTTP proxy,
 for ``/-/healthz``), deploys the app, prints how to call it and serves until Ctrl-C. ``--config``
-takes a Serve config file (``configs/serve-default.yaml``: the same file ``serve run`` and
-KubeRay take); flags override it. With no SAE configured, the default SAE is used, and trained
-first if absent (``configs/smollm2-135m-cpu.yaml``, once, minutes on a CPU). Ray and the
-service are imported inside the handler.
+takes a Serve config file or a shipped one by name (``serve-default``: the same document ``serve
+run`` and KubeRay take); flags override it. With no SAE configured, the default SAE is used,
+and trained first if absent (the shipped ``smollm2-135m-cpu``, once, minutes on a CPU). Ray and
+the service are imported inside the handler.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ IMPORT_PATH = "saescope.service.app:build_app"
 SERVICER = "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
 # Run by Serve in its proxy after the servicer: makes cancelled streams reach the replica.
 PROXY_PATCH = "saescope.service.proxy_patch.install"
-TRAIN_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "smollm2-135m-cpu.yaml"
+TRAIN_CONFIG = "smollm2-135m-cpu"  # a shipped config (saescope.cli.presets)
 
 
 def register(sub: Any) -> None:
@@ -37,7 +37,11 @@ def register(sub: Any) -> None:
         help="serve a model and its SAEs over gRPC (Ray Serve, locally)",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument("--config", type=Path, metavar="SERVE.yaml", help="a Serve config file")
+    p.add_argument(
+        "--config",
+        metavar="NAME|SERVE.yaml",
+        help="a Serve config: a shipped one by name (e.g. serve-default) or a file",
+    )
     p.add_argument("--grpc-port", type=int, help="gRPC port (default: the config's, else 9000)")
     p.add_argument("--http-port", type=int, help="HTTP port for /-/healthz (default 8000)")
     p.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
@@ -53,9 +57,9 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port")
     p.add_argument(
         "--train-config",
-        type=Path,
         default=TRAIN_CONFIG,
-        help="training config for the default SAE, when it must be trained",
+        metavar="NAME|FILE.yaml",
+        help="training config for the default SAE, when it must be trained (default %(default)s)",
     )
     p.set_defaults(func=run)
 
@@ -118,10 +122,12 @@ class _Plan:
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Config file, then flags, then the default SAE if none is named."""
+    from saescope.cli import presets
+
     app_args: dict[str, Any] = {}
     grpc_port, http_port, host = 9000, 8000, "127.0.0.1"
     if args.config is not None:
-        app_args, grpc_port, http_port, host = _read_serve_config(args.config)
+        app_args, grpc_port, http_port, host = _read_serve_config(presets.resolve(args.config))
     grpc_port = args.grpc_port or grpc_port
     http_port = args.http_port or http_port
     host = args.host or host
@@ -136,7 +142,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
             raise ValueError("--sae: name an SAE for a model other than the default")
         app_args["saes"] = [{"sae_id": DEFAULT_SAE_ID, "path": str(default_sae_dir())}]
     for spec in app_args["saes"]:
-        # The default SAE named by path (as configs/serve-default.yaml does) is built if absent.
+        # The default SAE named by path (as the shipped serve-default does) is built if absent.
         path = Path(os.path.expandvars(str(spec.get("path", "")))).expanduser()
         if spec.get("sae_id") == DEFAULT_SAE_ID and path == default_sae_dir():
             ensure_default_sae(args.train_config)
@@ -173,18 +179,18 @@ def default_sae_dir() -> Path:
     return default_cache_dir() / "saes" / DEFAULT_SAE_ID
 
 
-def ensure_default_sae(train_config: Path) -> Path:
-    """The default SAE's checkpoint, trained once with ``train_config`` if absent."""
+def ensure_default_sae(train_config: str | Path) -> Path:
+    """The default SAE's checkpoint, trained once with ``train_config`` (a shipped config's name
+    or a file) if absent."""
+    from saescope.cli import presets
+
     target = default_sae_dir()
     if (target / "saescope.json").is_file():
         return target
     run_dir = target.parent.parent / "runs" / DEFAULT_SAE_ID
     final = run_dir / "final"
     if not (final / "saescope.json").is_file():
-        if not train_config.is_file():
-            raise FileNotFoundError(
-                f"--train-config: {train_config} not found; pass --sae ID=PATH or a config"
-            )
+        train_config = presets.resolve(train_config, "--train-config")
         print(
             f"saescope serve: no default SAE at {target}; training it with {train_config} "
             "(once; this takes a while on a CPU)",

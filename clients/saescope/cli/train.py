@@ -1,8 +1,9 @@
 """``saescope train``: train an SAE on a model's residual stream.
 
-``saescope train --config FILE.yaml [key.sub=value …]`` starts a run (see ``configs/`` and
-``saescope.training.config`` for every field); ``saescope train --resume OUT_DIR [key=value …]``
-continues one from its latest checkpoint with the config saved in it. A bad config or bad data
+``saescope train --config NAME|FILE.yaml [key.sub=value …]`` starts a run from a shipped
+config (``saescope configs`` lists them) or a file (``saescope.training.config`` has every
+field); ``saescope train --resume OUT_DIR [key=value …]`` continues one from its latest
+checkpoint with the config saved in it. A bad config or bad data
 ends with ``saescope train: error: <field>: <message>`` and exit status 2. torch and the training
 package are imported inside the handler.
 """
@@ -23,7 +24,11 @@ def register(sub: Any) -> None:
         help="train a sparse autoencoder on a model's residual stream",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    p.add_argument("--config", type=Path, metavar="FILE.yaml", help="the run's YAML config")
+    p.add_argument(
+        "--config",
+        metavar="NAME|FILE.yaml",
+        help="the run's config: a shipped one by name (see `saescope configs`) or a YAML file",
+    )
     p.add_argument(
         "--resume",
         type=Path,
@@ -40,8 +45,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.config is None) == (args.resume is None):
         args._parser.error(
-            "give --config FILE.yaml to start a run or --resume OUT_DIR to continue one"
+            "give --config NAME|FILE.yaml to start a run or --resume OUT_DIR to continue one"
         )
+    from saescope.cli import presets
     from saescope.training.config import load_config
     from saescope.training.run import CHECKPOINTS, resume_config, train
 
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         cfg = resume_config(args.resume, args.overrides)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(presets.resolve(args.config), args.overrides)
     try:
         result = train(
             cfg,

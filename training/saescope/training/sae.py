@@ -96,7 +96,12 @@ class SAE(nn.Module):
         return self.encode_pre_with(x, self.W_enc, self.b_enc)
 
     def encode_pre_with(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-        """``encode_pre`` through given encoder columns ``W_enc (d_in, D)``, ``b_enc (D,)``."""
+        """``encode_pre`` through given encoder columns ``W_enc (d_in, D)``, ``b_enc (D,)``.
+
+        ``x`` is cast to the weights' dtype: a float32 SAE on a bfloat16 model's residuals
+        computes in float32 (the service keeps SAEs in float32; see ``bench/sae_dtype.py``).
+        """
+        x = x.to(W_enc.dtype)
         if self.cfg.architecture == "topk":
             x = x - self.b_dec
         return x @ W_enc + b_enc

@@ -1,9 +1,11 @@
-"""The app's one error-mapping place (``SaeScope._call``) and its API-key check, in-process.
+"""The app's one error-mapping place (``SaeScope._call``) and its access check, in-process.
 
 The gRPC tests show domain errors arriving with the right codes; what they cannot provoke is
-a genuine server bug. Here an unexpected exception inside ``_call`` must become INTERNAL with a
-short message — the traceback goes to the log only. The context is Serve's own
-``RayServegRPCContext`` around a minimal stand-in for grpc's servicer context.
+a genuine server bug, or a failure while the replica shuts down. Here an unexpected exception
+inside ``_call`` must become INTERNAL with a short message — the traceback goes to the log
+only — and, once the replica is closing, UNAVAILABLE (a retry reaches another replica). The
+context is Serve's own ``RayServegRPCContext`` around a minimal stand-in for grpc's servicer
+context, whose peer a test can choose.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import grpc
 import pytest
 from ray.serve.grpc_util import RayServegRPCContext
 
-from saescope.service.app import INTERNAL_DETAILS, RpcFailed, SaeScope
-from saescope.service.errors import NotFound
+from saescope.service.access import AccessPolicy
+from saescope.service.app import RpcFailed, SaeScope
+from saescope.service.errors import INTERNAL_DETAILS, NotFound, SaescopeError
 
 
 class _ServicerContext:
     """What ``RayServegRPCContext.__init__`` reads from grpc's context."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...], peer: str) -> None:
         self._metadata = metadata
+        self._peer = peer
 
     def auth_context(self) -> dict[str, Any]:
         return {}
@@ -39,7 +43,7 @@ class _ServicerContext:
         return self._metadata
 
     def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
+        return self._peer
 
     def peer_identities(self) -> None:
         return None
@@ -59,17 +63,23 @@ class _Metrics:
         self.done.append((rpc, code))
 
 
-def app(api_key: str | None = None) -> Any:
+LOCAL, REMOTE = "ipv4:127.0.0.1:1", "ipv4:192.0.2.7:1"
+
+
+def app(*api_keys: str, allow_remote_without_key: bool = False) -> Any:
     """The deployment's class, without its constructor (no model is needed for ``_call``)."""
     deployment: Any = SaeScope  # a serve.Deployment; its user class is func_or_class
     obj = object.__new__(deployment.func_or_class)
-    obj._api_key, obj._metrics, obj._sampler = api_key, _Metrics(), object()
+    obj._access = AccessPolicy(api_keys, allow_remote_without_key=allow_remote_without_key)
+    obj._metrics, obj._sampler, obj._closing = _Metrics(), object(), False
     return obj
 
 
-def run_call(obj: Any, error: BaseException | None, *metadata: tuple[str, str]) -> Any:
+def run_call(
+    obj: Any, error: BaseException | None, *metadata: tuple[str, str], peer: str = LOCAL
+) -> Any:
     """Run ``_call`` around ``error`` (or nothing); the context, with the code it was given."""
-    ctx = RayServegRPCContext(_ServicerContext(metadata))  # type: ignore[arg-type]
+    ctx = RayServegRPCContext(_ServicerContext(metadata, peer))  # type: ignore[arg-type]
 
     async def call() -> None:
         async with obj._call("GetInfo", ctx):
@@ -118,5 +128,52 @@ def test_api_key(metadata: tuple[tuple[str, str], ...], ok: bool) -> None:
     if ok:
         assert run_call(app("k3y"), None, *metadata).code() is None
     else:
-        ctx = run_call(app("k3y"), None, *metadata)
+        ctx = run_call(app("k3y"), None, *metadata, peer=REMOTE)
         assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED and "k3y" not in ctx.details()
+
+
+def test_several_keys_are_valid_at_once() -> None:
+    obj = app("new-key", "old-key")
+    for key in ("new-key", "old-key"):
+        assert run_call(obj, None, ("x-api-key", key), peer=REMOTE).code() is None
+    ctx = run_call(obj, None, ("x-api-key", "older-key"), peer=REMOTE)
+    assert ctx.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_without_a_key_only_loopback_callers_are_answered() -> None:
+    assert run_call(app(), None, peer=LOCAL).code() is None
+    ctx = run_call(app(), None, peer=REMOTE)
+    assert ctx.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "loopback" in ctx.details() and "api_key_env" in ctx.details()
+    assert run_call(app(allow_remote_without_key=True), None, peer=REMOTE).code() is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SaescopeError("generation stopped: the engine is closing"), RuntimeError("thread gone")],
+)
+def test_failures_while_shutting_down_are_unavailable(error: Exception) -> None:
+    obj = app()
+    obj._closing = True
+    ctx = run_call(obj, error)
+    assert ctx.code() == grpc.StatusCode.UNAVAILABLE and "retry" in ctx.details()
+    assert obj._metrics.done == [("GetInfo", "UNAVAILABLE")]
+    # a caller's own mistake keeps its code while closing too
+    assert run_call(obj, NotFound("sae_id: x")).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_get_info_is_answered_without_engine_work() -> None:
+    """GetInfo returns the response built at start, on the event loop: no worker thread (they
+    may all be busy with model work) and no engine call."""
+
+    class NoEngine:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"GetInfo touched the engine ({name})")
+
+    obj = app()
+    obj._info, obj._engine, obj._pool = object(), NoEngine(), NoEngine()
+    ctx = RayServegRPCContext(_ServicerContext((), LOCAL))  # type: ignore[arg-type]
+    try:
+        assert asyncio.run(obj.GetInfo(None, ctx)) is obj._info
+    finally:
+        del obj._engine  # nothing for __del__ to close

@@ -13,7 +13,8 @@ from ray.serve.schema import ServeDeploySchema
 from saescope.service.config import ConfigError, load_app_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("serve-*.yaml"))
+CONFIG_DIR = ROOT / "training" / "saescope" / "configs"  # shipped as package data
+CONFIGS = sorted(CONFIG_DIR.glob("serve-*.yaml"))
 SAE = {"sae_id": "s", "path": "/tmp/s"}
 
 
@@ -31,7 +32,7 @@ def test_serve_configs_validate(path: Path) -> None:
 
 
 def test_default_config_serves_the_default_sae() -> None:
-    raw = yaml.safe_load((ROOT / "configs" / "serve-default.yaml").read_text())
+    raw = yaml.safe_load((CONFIG_DIR / "serve-default.yaml").read_text())
     cfg = load_app_config(raw["applications"][0]["args"])
     assert cfg.model == "default" and raw["grpc_options"]["port"] == 9000
     path = cfg.sae_paths["smollm2-135m-l15-relu"]
@@ -71,14 +72,35 @@ def test_deployment_options_follow_the_config() -> None:
     assert scaled.deployment_options()["autoscaling_config"]["max_replicas"] == 4
 
 
-def test_api_key_comes_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_keys_come_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_app_config({"saes": [SAE], "api_key_env": "SAESCOPE_KEY_FOR_TEST"})
+    assert cfg.requires_key
     monkeypatch.delenv("SAESCOPE_KEY_FOR_TEST", raising=False)
     with pytest.raises(ConfigError, match="api_key_env: environment variable"):
-        cfg.api_key()
-    monkeypatch.setenv("SAESCOPE_KEY_FOR_TEST", "k")
-    assert cfg.api_key() == "k"
-    assert load_app_config({"saes": [SAE]}).api_key() is None
+        cfg.access_policy()
+    monkeypatch.setenv("SAESCOPE_KEY_FOR_TEST", "new,old")
+    assert cfg.access_policy().keys() == ("new", "old")
+    open_cfg = load_app_config({"saes": [SAE]})
+    assert not open_cfg.requires_key and not open_cfg.access_policy().requires_key
+
+
+def test_api_keys_file_is_expanded_and_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "keys").write_text("k1\nk2\n")
+    monkeypatch.setenv("SAESCOPE_KEYS_DIR", str(tmp_path))
+    cfg = load_app_config({"saes": [SAE], "api_keys_file": "$SAESCOPE_KEYS_DIR/keys"})
+    assert cfg.requires_key and cfg.access_policy().keys() == ("k1", "k2")
+    missing = load_app_config({"saes": [SAE], "api_keys_file": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match="api_keys_file: cannot read"):
+        missing.access_policy()
+
+
+def test_the_default_config_is_loopback_only() -> None:
+    raw = yaml.safe_load((CONFIG_DIR / "serve-default.yaml").read_text())
+    cfg = load_app_config(raw["applications"][0]["args"])
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    assert not cfg.requires_key and not cfg.allow_remote_without_key
 
 
 def test_build_app_validates_and_binds() -> None:

@@ -2,13 +2,22 @@
 that names the field (and the limit), never a traceback; full queues, missing keys and passed
 deadlines too. A second app (``saescope-strict``: an API key, one request at a time, one
 queued) is deployed beside the fixture's for the key and queue tests.
+
+Access and parsing, through the real proxy: a request that is not valid protobuf (or not UTF-8)
+is INVALID_ARGUMENT, not UNKNOWN; the fixture's app has no key, so a caller reaching it over a
+non-loopback address gets PERMISSION_DENIED; a third app reads its keys from a file, and
+rotating them there takes effect without a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -175,3 +184,108 @@ def _outcome(call: Any) -> tuple[grpc.StatusCode, str]:
         return Code.OK, ""
     except grpc.RpcError as e:
         return e.code(), e.details() or ""
+
+
+# ---- requests that do not parse ------------------------------------------------------------------
+GOOD = pb.TokenizeRequest(prompt=text("AAAA")).SerializeToString()
+UNPARSABLE = [
+    ("Tokenize", GOOD.replace(b"AAAA", b"\xff\xfe\xfd\xfc"), "UTF-8"),
+    ("Tokenize", b"\xff\xff\xff\xff", "corrupt"),
+    ("GetFeatureActivations", b"\x0a\x05\x0a\x03\xc3\x28\x41", "UTF-8"),
+    ("StreamGenerateSteered", b"\x0a\xff\xff", "corrupt"),
+]
+
+
+@pytest.mark.parametrize(("method", "raw", "reason"), UNPARSABLE)
+def test_an_unparsable_request_is_invalid_argument(
+    serve_instance: ServeInstance, method: str, raw: bytes, reason: str
+) -> None:
+    channel = serve_instance.channel()
+    path = f"/saescope.api.v1.SaeScope/{method}"
+    with pytest.raises(grpc.RpcError) as info:
+        if method.startswith("Stream"):
+            list(channel.unary_stream(path)(raw, metadata=serve_instance.metadata))
+        else:
+            channel.unary_unary(path)(raw, metadata=serve_instance.metadata)
+    err = info.value
+    details = err.details() or ""
+    assert err.code() == Code.INVALID_ARGUMENT, (err.code(), details)
+    assert details.startswith("request: not a valid saescope.api.v1.") and reason in details
+    assert "class" not in details and "Traceback" not in details
+
+
+# ---- loopback only, unless there is a key --------------------------------------------------------
+def non_loopback_address() -> str | None:
+    """An address of this machine other than loopback (the proxy listens on all of them)."""
+    candidates = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the interface
+        candidates.append(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    for addr in candidates:
+        if not ipaddress.ip_address(addr).is_loopback:
+            return addr
+    return None
+
+
+@pytest.fixture(scope="module")
+def remote_target(serve_instance: ServeInstance) -> str:
+    addr = non_loopback_address()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback address")
+    return f"{addr}:{serve_instance.grpc_target.rsplit(':', 1)[1]}"
+
+
+def test_without_a_key_a_non_loopback_caller_is_refused(
+    serve_instance: ServeInstance, remote_target: str
+) -> None:
+    with grpc.insecure_channel(remote_target) as channel:
+        remote = serve_instance.stub(channel)
+        details = expect(remote, "GetInfo", pb.GetInfoRequest(), Code.PERMISSION_DENIED, "loopback")
+        assert "api_key_env" in details
+        expect(remote, "StreamGenerateSteered", gen(), Code.PERMISSION_DENIED)
+    assert serve_instance.stub().GetInfo(pb.GetInfoRequest(), metadata=serve_instance.metadata)
+
+
+@pytest.fixture(scope="module")
+def keys_file(
+    serve_instance: ServeInstance, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, tuple[tuple[str, str], ...]]]:
+    """A third app whose keys are in a file: the test key and an old one."""
+    path = tmp_path_factory.mktemp("keys") / "api-keys"
+    path.write_text(f"{TEST_API_KEY}\nold-key-123  # the one being rotated out\n")
+    with serve_instance.deploy_app("saescope-keys", api_keys_file=str(path)) as metadata:
+        yield path, metadata
+
+
+def test_with_keys_any_caller_with_a_valid_key_is_answered(
+    serve_instance: ServeInstance,
+    remote_target: str,
+    keys_file: tuple[Path, tuple[tuple[str, str], ...]],
+) -> None:
+    _, metadata = keys_file
+    with grpc.insecure_channel(remote_target) as channel:
+        remote = serve_instance.stub(channel)
+        for key in (TEST_API_KEY, "old-key-123"):
+            assert remote.GetInfo(pb.GetInfoRequest(), metadata=(*metadata, ("x-api-key", key)))
+        expect(remote, "GetInfo", pb.GetInfoRequest(), Code.UNAUTHENTICATED, metadata=metadata)
+
+
+def test_keys_rotate_without_a_restart(
+    stub: Any, keys_file: tuple[Path, tuple[tuple[str, str], ...]]
+) -> None:
+    path, metadata = keys_file
+    old = (*metadata, ("x-api-key", "old-key-123"))
+    assert stub.GetInfo(pb.GetInfoRequest(), metadata=old)
+    path.write_text(f"{TEST_API_KEY}\n")  # the old key is withdrawn
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            stub.GetInfo(pb.GetInfoRequest(), metadata=old)
+        except grpc.RpcError as e:
+            assert e.code() == Code.UNAUTHENTICATED
+            break
+        assert time.monotonic() < deadline, "the withdrawn key is still accepted"
+        time.sleep(0.3)
+    assert stub.GetInfo(pb.GetInfoRequest(), metadata=(*metadata, ("x-api-key", TEST_API_KEY)))

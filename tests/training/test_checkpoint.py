@@ -1,5 +1,8 @@
 """Whole runs on the tiny Llama: checkpoints, exact resume, and refused corrupt checkpoints.
 
+Integrity: a checkpoint loads only when ``saescope.json`` records the sha256 of every file a
+loader reads and each matches; a resume skips a corrupt newer checkpoint for the newest intact one.
+
 A run "killed" at a step after a checkpoint (an exception from the step callback, as a signal
 would end it) and resumed with ``--resume`` must end with the same weights, Adam moments and
 feature counters as a run that was never interrupted — through the real activation pipeline,
@@ -8,6 +11,8 @@ streamed from the model and read from the on-disk cache.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +148,6 @@ def test_a_fresh_run_refuses_a_directory_holding_one(
 
 
 def test_corrupt_checkpoints_are_refused_naming_the_file(finished: Path, tmp_path: Path) -> None:
-    import shutil
-
     step = tmp_path / "out" / CHECKPOINTS / "step_00000010"
     shutil.copytree(finished / CHECKPOINTS / "step_00000010", step)
     optimizer = step / checkpoint.STATE_DIR / "optimizer.safetensors"
@@ -164,3 +167,94 @@ def test_corrupt_checkpoints_are_refused_naming_the_file(finished: Path, tmp_pat
         checkpoint.load_sae(step)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoints"):
         resume_config(tmp_path / "empty")
+
+
+# ---- the hash map must be complete ---------------------------------------------------------------
+def edit_meta(ckpt: Path, edit: Any) -> None:
+    meta_file = ckpt / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run's final checkpoint (resumable), to damage."""
+    return Path(shutil.copytree(finished / FINAL, tmp_path / "ck"))
+
+
+def test_a_checkpoint_without_hashes_is_refused(copy: Path) -> None:
+    edit_meta(copy, lambda m: m.pop("files"))
+    with pytest.raises(checkpoint.CheckpointError, match="no 'files' map") as e:
+        checkpoint.load_sae(copy)
+    assert str(copy) in str(e.value)
+    with pytest.raises(checkpoint.CheckpointError, match="no 'files' map"):
+        checkpoint.load_training_state(copy)
+
+
+@pytest.mark.parametrize(
+    "left_out",
+    [
+        checkpoint.WEIGHTS_FILE,
+        checkpoint.SPARSITY_FILE,
+        checkpoint.CFG_FILE,
+        f"{checkpoint.STATE_DIR}/optimizer.safetensors",
+        f"{checkpoint.STATE_DIR}/state.json",
+    ],
+)
+def test_a_file_the_hash_map_leaves_out_is_refused(copy: Path, left_out: str) -> None:
+    edit_meta(copy, lambda m: m["files"].pop(left_out))
+    with pytest.raises(checkpoint.CheckpointError, match="records no sha256 for") as e:
+        checkpoint.load_training_state(copy)
+    assert left_out in str(e.value)
+
+
+def test_an_unlisted_weight_file_is_refused(copy: Path) -> None:
+    shutil.copy(copy / checkpoint.WEIGHTS_FILE, copy / "extra.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match=r"extra\.safetensors"):
+        checkpoint.load_sae(copy)
+
+
+@pytest.mark.parametrize(
+    ("files", "needle"),
+    [({"../outside": "0" * 64}, "bad path"), ({checkpoint.WEIGHTS_FILE: "abc"}, "not a sha256")],
+)
+def test_a_malformed_hash_map_is_refused(copy: Path, files: dict[str, str], needle: str) -> None:
+    edit_meta(copy, lambda m: m["files"].update(files))
+    with pytest.raises(checkpoint.CheckpointError, match=needle):
+        checkpoint.load_sae(copy)
+
+
+# ---- resume falls back to the newest intact checkpoint ------------------------------------------
+def test_resume_falls_back_to_the_newest_intact_checkpoint(
+    tiny_model_dir: Path, text_dir: Path, tmp_path: Path
+) -> None:
+    whole = train(config(tiny_model_dir, text_dir, tmp_path / "whole"), echo=lambda _: None)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(config(tiny_model_dir, text_dir, out), callback=kill_at(27), echo=lambda _: None)
+    newest = out / CHECKPOINTS / "step_00000020"
+    weights = newest / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated, as by a crash mid-copy
+
+    said: list[str] = []
+    resumed = train(resume_config(out), resume=True, echo=said.append)
+    skipped = [line for line in said if "skipping step_00000020" in line]
+    assert skipped and "sae_weights.safetensors" in skipped[0], said
+    assert any("resuming" in line and "step_00000010" in line for line in said), said
+    assert (out / CHECKPOINTS / "corrupt-step_00000020").is_dir()  # kept aside, for a look
+    a, b = tensors(whole.path), tensors(resumed.path)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_with_no_intact_checkpoint_names_each_failure(
+    finished: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    for step in ("step_00000010", "step_00000011"):
+        shutil.copytree(finished / CHECKPOINTS / "step_00000010", out / CHECKPOINTS / step)
+        edit_meta(out / CHECKPOINTS / step, lambda m: m.pop("files"))
+    with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint") as e:
+        resume_config(out)
+    assert str(e.value).count("no 'files' map") == 2

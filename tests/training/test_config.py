@@ -103,7 +103,7 @@ def test_cli_reports_bad_config_without_traceback(
     err = capsys.readouterr().err
     assert "--config: " in err and "missing.yaml' is neither a file nor a shipped config" in err
     assert main(["train", "--config", "no-such-preset"]) == 2
-    assert "(shipped: smollm2-135m-cpu, " in capsys.readouterr().err
+    assert "shipped config (shipped: serve-default, smollm2-135m-cpu, " in capsys.readouterr().err
     assert main(["train", "--config", str(f), "train.lr=1e-3", "data.source=/nonexistent"]) == 2
     assert "error: data.source: no such file or directory: /nonexistent" in capsys.readouterr().err
 

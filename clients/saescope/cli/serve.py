@@ -7,6 +7,13 @@ takes a Serve config file or a shipped one by name (``serve-default``: the same 
 run`` and KubeRay take); flags override it. With no SAE configured, the default SAE is used,
 and trained first if absent (the shipped ``smollm2-135m-cpu``, once, minutes on a CPU). Ray and
 the service are imported inside the handler.
+
+Loopback unless told otherwise: the HTTP proxy binds ``--host`` (127.0.0.1 by default), and
+Serve's gRPC proxy listens on every interface but, without an API key, the service answers only
+loopback callers. Serving beyond loopback (``--host 0.0.0.0``) therefore needs a key:
+``--api-key-env NAME`` names the environment variable holding it (or several, comma-separated,
+to rotate) — never the key itself, which would show in ``ps``. Ray's dashboard and job API are
+not started.
 """
 
 from __future__ import annotations
@@ -44,7 +51,17 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--grpc-port", type=int, help="gRPC port (default: the config's, else 9000)")
     p.add_argument("--http-port", type=int, help="HTTP port for /-/healthz (default 8000)")
-    p.add_argument("--host", help="HTTP bind address (default: the config's, else 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        help="HTTP bind address (default: the config's, else 127.0.0.1); beyond loopback, "
+        "an API key is required",
+    )
+    p.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="environment variable holding the API key callers must send (several: "
+        "comma-separated, for rotation); required with a non-loopback --host",
+    )
     p.add_argument("--model", help="Hugging Face id, local directory or 'default'")
     p.add_argument(
         "--sae",
@@ -70,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from saescope.service.app import build_app
+    from saescope.service.config import load_app_config
 
     app = build_app(plan.app_args)  # validates the args before anything starts
+    load_app_config(plan.app_args).access_policy()  # keys that resolve to none: fail here
     init: dict[str, Any] = {"include_dashboard": False}
     if args.metrics_port:
         init["_metrics_export_port"] = args.metrics_port
@@ -137,6 +156,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
         app_args["num_gpus"] = args.num_gpus
     if args.sae:
         app_args["saes"] = [_parse_sae(s) for s in args.sae]
+    if args.api_key_env:
+        app_args["api_key_env"] = _key_env(args.api_key_env)
+    _check_exposure(host, app_args)
     if not app_args.get("saes"):
         if app_args.get("model", "default") != "default":
             raise ValueError("--sae: name an SAE for a model other than the default")
@@ -147,6 +169,40 @@ def _plan(args: argparse.Namespace) -> _Plan:
         if spec.get("sae_id") == DEFAULT_SAE_ID and path == default_sae_dir():
             ensure_default_sae(args.train_config)
     return _Plan(app_args, grpc_port, http_port, host)
+
+
+def _key_env(name: str) -> str:
+    """``--api-key-env``: the name of a set, non-empty environment variable."""
+    if not name.isidentifier():  # not echoed: it may be a key given by mistake
+        raise ValueError(
+            "--api-key-env: expects the NAME of an environment variable holding the key, "
+            "never the key itself"
+        )
+    if not os.environ.get(name, "").strip(" ,\n"):
+        raise ValueError(f"--api-key-env: environment variable {name} is not set (or empty)")
+    return name
+
+
+def _check_exposure(host: str, app_args: dict[str, Any]) -> None:
+    """Refuse to serve beyond loopback without a key (or the config's explicit opt-out)."""
+    keyed = app_args.get("api_key_env") or app_args.get("api_keys_file")
+    if keyed or app_args.get("allow_remote_without_key") or _is_loopback(host):
+        return
+    raise ValueError(
+        f"--host {host}: serving beyond loopback needs an API key; pass --api-key-env NAME "
+        "(an environment variable holding the key), or bind --host 127.0.0.1"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable
 
 
 def _parse_sae(text: str) -> dict[str, str]:
@@ -222,9 +278,17 @@ def _train(config: Path, run_dir: Path) -> None:
 
 def _print_usage(plan: _Plan) -> None:
     port = plan.grpc_port
+    key_env = plan.app_args.get("api_key_env")
+    access = (
+        f"Callers send a key from ${key_env} as metadata x-api-key (grpcurl -H 'x-api-key: …';\n"
+        "the SDK: api_key=... or SAESCOPE_API_KEY)."
+        if key_env
+        else "No API key: only callers on this machine (loopback) are answered."
+    )
     print(
         f"""
-saescope is serving on gRPC port {port} (health: http://{plan.host}:{plan.http_port}/-/healthz).
+saescope is serving on gRPC port {port} (health: http://{plan.host}:{plan.http_port}/-/healthz,
+and grpc.health.v1 on the gRPC port). {access}
 
   grpcurl -plaintext -H 'application: {APP_NAME}' \\
       -d '{{"prompts": [{{"text": "The cat sat on the mat"}}], "top_k_per_token": 5}}' \\

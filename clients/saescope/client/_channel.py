@@ -6,9 +6,14 @@
 - Metadata on every call: ``application`` (Ray Serve's gRPC proxy routes on it) and the API key
   as ``x-api-key``.
 - Message-size limits raised to 64 MiB both ways: activations of many long prompts are big.
-- Retries: only UNAVAILABLE (the service is restarting or not up yet) is retried, with
+- Retries (``RetryPolicy``, applied by ``Attempts`` — the one retry loop's bookkeeping, shared by
+  ``Client``, ``AsyncClient`` and both stream kinds): only UNAVAILABLE is retried — the service
+  was not reachable, is restarting, or the replica serving the call stopped under it — with
   exponential backoff and jitter, within the call's deadline. Every other status is an answer
-  that retrying cannot change.
+  that retrying cannot change. Every RPC of the API is retried: none changes anything on the
+  server, so running one twice is harmless (a ``GenerateSteered`` with a ``seed`` returns the
+  same text again; without one, a fresh sample, as any call would). A stream is retried only
+  until its first event arrived: after that, a retry would repeat the tokens already seen.
 """
 
 from __future__ import annotations
@@ -40,9 +45,23 @@ class RetryPolicy:
     max_attempts: int = 5
     """Attempts in all, the first included (1: no retries)."""
     initial_backoff: float = 0.25
+    """Seconds before the second attempt."""
     max_backoff: float = 5.0
+    """Longest wait between two attempts, in seconds."""
     multiplier: float = 2.0
+    """Growth of the wait from one attempt to the next."""
     jitter: float = 0.2
+    """Relative randomness of each wait, so that many clients do not retry in step."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: must be ≥ 1, got {self.max_attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("initial_backoff, max_backoff: must be ≥ 0")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier: must be ≥ 1, got {self.multiplier}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter: must be in [0, 1), got {self.jitter}")
 
     def delays(self) -> Iterator[float]:
         """The waits before attempts 2, 3, ..., ``max_attempts``."""
@@ -176,8 +195,24 @@ class Deadline:
         return self._end is None or time.monotonic() + wait < self._end
 
 
+class Attempts:
+    """One call's attempts: its deadline, shared by them all, and the waits left."""
+
+    def __init__(self, policy: RetryPolicy, deadline: Deadline) -> None:
+        self.deadline = deadline
+        self._delays = policy.delays()
+
+    def delay_after(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next attempt after ``error``; None: give up and raise
+        (not UNAVAILABLE, no attempts left, or the wait would pass the deadline)."""
+        if not is_retryable(error):
+            return None
+        delay = next(self._delays, None)
+        return delay if delay is not None and self.deadline.allows(delay) else None
+
+
 def is_retryable(error: grpc.RpcError) -> bool:
-    """Only UNAVAILABLE: the service was not reachable, so the call did not run."""
+    """Only UNAVAILABLE: the call did not run, or its replica stopped under it."""
     code = getattr(error, "code", None)
     return callable(code) and code() == grpc.StatusCode.UNAVAILABLE
 

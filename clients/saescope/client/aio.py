@@ -27,7 +27,6 @@ from grpc import aio
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.api.v1.saescope_pb2_grpc import SaeScopeStub
 from saescope.client import _convert
-from saescope.client._channel import is_retryable
 from saescope.client.client import ClientBase
 from saescope.client.errors import from_rpc_error
 from saescope.client.inputs import Aggregation, InterventionLike, PromptLike
@@ -83,14 +82,14 @@ class AsyncClient(ClientBase):
         """One unary call with retries of UNAVAILABLE inside the deadline; ``method`` picks
         the RPC from the stub."""
         rpc = method(self._ready_stub())
-        deadline = self._deadline(timeout)
-        delays = self.config.retry.delays()
+        attempts = self._attempts(timeout)
         while True:
+            remaining = attempts.deadline.remaining()
             try:
-                return await rpc(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return await rpc(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as e:
-                delay = next(delays, None) if is_retryable(e) else None
-                if delay is None or not deadline.allows(delay):
+                delay = attempts.delay_after(e)
+                if delay is None:
                     raise from_rpc_error(e) from None
                 await asyncio.sleep(delay)
 
@@ -211,7 +210,7 @@ class AsyncClient(ClientBase):
             stub = self._ready_stub()
             return stub.StreamGenerateSteered(request, timeout=remaining, metadata=self._metadata)
 
-        return AsyncTokenStream(start, self.config.retry, self._deadline(timeout), logprobs)
+        return AsyncTokenStream(start, self._attempts(timeout), logprobs)
 
     async def contrast(
         self,

@@ -28,10 +28,10 @@ from saescope.client._channel import (
     DEFAULT_APPLICATION,
     DEFAULT_TIMEOUT,
     MAX_MESSAGE_BYTES,
+    Attempts,
     ChannelConfig,
     Deadline,
     RetryPolicy,
-    is_retryable,
 )
 from saescope.client.errors import from_rpc_error
 from saescope.client.inputs import Aggregation, InterventionLike, PromptLike
@@ -64,8 +64,10 @@ class ClientBase:
         timeout: Default deadline of every call in seconds (``None``: none); a call's own
             ``timeout=`` replaces it.
         max_message_bytes: Largest message sent or received (default 64 MiB).
-        retry: Retries of UNAVAILABLE: a ``RetryPolicy``, a number of retries, or ``None``/0
-            for none. Other errors are never retried; streams only before their first event.
+        retry: Retries of UNAVAILABLE (the service restarting, or the replica serving a call
+            lost): a ``RetryPolicy``, a number of retries, or ``None``/0 for none. Every RPC
+            is retried, as none changes the server; other errors never are, and a stream only
+            before its first event.
         metadata: Extra metadata pairs sent with every call.
         options: Extra gRPC channel arguments.
     """
@@ -115,6 +117,10 @@ class ClientBase:
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline(timeout if timeout is not None else self.config.timeout)
 
+    def _attempts(self, timeout: float | None) -> Attempts:
+        """A new call's attempts, under its deadline (``timeout``, else the client's)."""
+        return Attempts(self.config.retry, self._deadline(timeout))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.target!r})"
 
@@ -142,14 +148,14 @@ class Client(ClientBase):
 
     def _unary(self, method: Callable[..., _R], request: Any, timeout: float | None) -> _R:
         """One unary call with retries of UNAVAILABLE inside the deadline."""
-        deadline = self._deadline(timeout)
-        delays = self.config.retry.delays()
+        attempts = self._attempts(timeout)
         while True:
+            remaining = attempts.deadline.remaining()
             try:
-                return method(request, timeout=deadline.remaining(), metadata=self._metadata)
+                return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as e:
-                delay = next(delays, None) if is_retryable(e) else None
-                if delay is None or not deadline.allows(delay):
+                delay = attempts.delay_after(e)
+                if delay is None:
                     raise from_rpc_error(e) from None
                 time.sleep(delay)
 
@@ -292,7 +298,7 @@ class Client(ClientBase):
                 request, timeout=remaining, metadata=self._metadata
             )
 
-        return TokenStream(start, self.config.retry, self._deadline(timeout), logprobs)
+        return TokenStream(start, self._attempts(timeout), logprobs)
 
     def contrast(
         self,

@@ -22,7 +22,7 @@ from grpc import aio
 
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.client import _convert
-from saescope.client._channel import Deadline, RetryPolicy, is_retryable
+from saescope.client._channel import Attempts
 from saescope.client.errors import Internal, SaescopeError, from_rpc_error
 from saescope.client.results import GenerationResult, TokenEvent
 
@@ -33,9 +33,9 @@ StreamItem: TypeAlias = TokenEvent | GenerationResult
 class _StreamState:
     """Retry bookkeeping and the final result, shared by both stream kinds."""
 
-    def __init__(self, retry: RetryPolicy, deadline: Deadline, logprobs: bool) -> None:
-        self._delays = retry.delays()
-        self._deadline = deadline
+    def __init__(self, attempts: Attempts, logprobs: bool) -> None:
+        self._attempts = attempts
+        self._deadline = attempts.deadline
         self._logprobs = logprobs
         self._received = False
         self._done = False
@@ -44,10 +44,7 @@ class _StreamState:
 
     def _retry_delay(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before restarting after ``error``, or None to give up."""
-        if self._received or not is_retryable(error):
-            return None
-        delay = next(self._delays, None)
-        return delay if delay is not None and self._deadline.allows(delay) else None
+        return None if self._received else self._attempts.delay_after(error)
 
     def _fail(self, error: grpc.RpcError) -> SaescopeError:
         self._done = True
@@ -72,11 +69,10 @@ class TokenStream(_StreamState, Iterator[StreamItem]):
     def __init__(
         self,
         start: Callable[[float | None], Any],
-        retry: RetryPolicy,
-        deadline: Deadline,
+        attempts: Attempts,
         logprobs: bool,
     ) -> None:
-        super().__init__(retry, deadline, logprobs)
+        super().__init__(attempts, logprobs)
         self._start = start
         self._call: Any = None
 
@@ -130,11 +126,10 @@ class AsyncTokenStream(_StreamState, AsyncIterator[StreamItem]):
     def __init__(
         self,
         start: Callable[[float | None], Awaitable[Any]],
-        retry: RetryPolicy,
-        deadline: Deadline,
+        attempts: Attempts,
         logprobs: bool,
     ) -> None:
-        super().__init__(retry, deadline, logprobs)
+        super().__init__(attempts, logprobs)
         self._start = start
         self._call: Any = None
 

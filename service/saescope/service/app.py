@@ -4,24 +4,33 @@ Thin by design (DESIGN §2). Serve's gRPC proxy calls the method named as the RP
 request message; each method converts it (``convert``), hands it to the engine off the event
 loop, and converts the result back. ``_call`` is the one place where errors become gRPC status
 codes: a ``SaescopeError`` becomes its ``code`` with its message as details; anything else
-becomes INTERNAL with a short message, its traceback only in the replica's log. Ray 2.60's
-replica wraps an exception raised after ``grpc_context.set_code`` in ``gRPCStatusError``, and
-its proxy sends that code and those details — in unary calls and mid-stream alike.
+becomes INTERNAL with a short message, its traceback only in the replica's log — or
+UNAVAILABLE once the replica is shutting down (the call failed because the replica went away:
+retrying reaches another one). Ray 2.60's replica wraps an exception raised after
+``grpc_context.set_code`` in ``gRPCStatusError``, and its proxy sends that code and those
+details — in unary calls and mid-stream alike. Failures the replica never sees (it died, the
+request could not be parsed) are mapped in the proxy (``proxy_errors``).
 
-Forward passes of concurrent activation calls are batched into one ``engine.activations_many``
-by a work-conserving ``batching.ForwardBatcher`` (the next batch is what queued while the engine
-was busy; ``@serve.batch`` forms batches on arrival instead, see ``batching``). Generation
+``_call`` also checks access first (``access``: API keys, several at once; without keys, only
+loopback callers). GetInfo is answered from a response built once at start, on the event loop:
+it never waits for a worker thread behind model work. Health checks go to the proxy
+(``grpc.health.v1``, ``health``), never to a replica.
+
+Forward passes of concurrent activation calls are batched into one
+``engine.run_activation_parts`` by a work-conserving ``batching.ForwardBatcher`` (the next batch
+is what queued while the engine was busy; ``@serve.batch`` forms batches on arrival instead, see
+``batching``). Each call is planned first (validated and tokenised, off the loop) and cut into
+slices of ``engine.slice_tokens`` tokens, which concurrent calls run in turns. Generation
 streams come from the engine's decode batcher (``generation_io``); they stop decoding when the
 call is cancelled or its deadline passes.
 
-Start it with ``saescope serve``, or ``serve run configs/serve-default.yaml``; the Serve config's
-``args`` are validated by ``AppConfig``.
+Start it with ``saescope serve``, or ``serve run`` on the shipped ``serve-default`` config; the
+Serve config's ``args`` are validated by ``AppConfig``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,17 +46,23 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.service import convert
+from saescope.service.activations import ActivationsPart
 from saescope.service.batching import ForwardBatcher
 from saescope.service.config import AppConfig, load_app_config
-from saescope.service.errors import SaescopeError, Unauthenticated
+from saescope.service.errors import INTERNAL_DETAILS, SaescopeError, Unavailable
 from saescope.service.generation_io import Generations
 from saescope.service.metrics import ServiceMetrics
-from saescope.service.types import ActivationsRequest, ActivationsResult, GenerateResult
+from saescope.service.types import (
+    ActivationsRequest,
+    ActivationsResult,
+    GenerateResult,
+    PromptActivations,
+)
 
 logger = logging.getLogger("ray.serve")
 R = TypeVar("R")
 
-INTERNAL_DETAILS = "internal error; the server log has the details"
+SHUTTING_DOWN = Unavailable("the replica is shutting down; retry the call")
 
 
 class RpcFailed(Exception):
@@ -66,7 +81,8 @@ class SaeScope:
             import torch
 
             torch.set_num_threads(cfg.torch_threads)
-        self._api_key = cfg.api_key()
+        self._access = cfg.access_policy()
+        self._closing = False
         self._metrics = ServiceMetrics()
         self._pool = ThreadPoolExecutor(
             max_workers=cfg.max_ongoing_requests, thread_name_prefix="engine"
@@ -80,24 +96,29 @@ class SaeScope:
             default_sae_id=cfg.default_sae_id,
             cache_dir=cfg.cache_dir,
             max_batch_rows=cfg.max_decode_rows,
+            slice_tokens=cfg.forward_slice_tokens,
             observer=self._metrics,  # decode batch sizes, decode queue waits, SAE encode times
             metrics_sync_timing=cfg.metrics_sync_timing,
         )
         self._generation = Generations(self._engine, self._pool, self._metrics)
         self._sampler: asyncio.Task[None] | None = None
         self._forward_waiting = 0
-        self._forward: ForwardBatcher[ActivationsRequest, ActivationsResult | SaescopeError] = (
-            ForwardBatcher(
-                partial(self._run, self._engine.activations_many),
-                max_batch_size=cfg.max_batch_size,
-                wait_s=cfg.batch_wait_timeout_s,
-                on_batch=partial(self._metrics.batch, "forward"),
-            )
+        self._forward: ForwardBatcher[ActivationsPart, list[PromptActivations]] = ForwardBatcher(
+            partial(self._run, self._engine.run_activation_parts),
+            max_batch_size=cfg.max_batch_size,
+            wait_s=cfg.batch_wait_timeout_s,
+            on_batch=partial(self._metrics.batch, "forward"),
+            cost=lambda part: part.tokens,
+            max_batch_cost=self._engine.slice_tokens,
         )
+        # Static for the replica's life (model, SAEs, limits, version): built once.
+        self._info = convert.info_response(self._engine.info())
         logger.info("saescope: serving %s with SAEs %s", cfg.model, sorted(cfg.sae_paths))
 
     def __del__(self) -> None:
-        # Serve's shutdown hook: stop the decode thread (unfinished generations end with an error).
+        # Serve's shutdown hook: stop the decode thread. Unfinished generations end with an
+        # error, which ``_call`` turns into UNAVAILABLE: another replica can answer a retry.
+        self._closing = True
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.close()
@@ -107,7 +128,7 @@ class SaeScope:
         self, request: pb.GetInfoRequest, grpc_context: RayServegRPCContext
     ) -> pb.GetInfoResponse:
         async with self._call("GetInfo", grpc_context):
-            return convert.info_response(await self._run(self._engine.info))
+            return self._info
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext
@@ -174,34 +195,25 @@ class SaeScope:
         if self._sampler is None:
             self._sampler = asyncio.create_task(self._generation.sample_forever())
         try:
-            self._authenticate(ctx)
+            self._access.check(ctx.invocation_metadata(), ctx.peer())
             yield
         except SaescopeError as e:
+            if self._closing and e.code == "INTERNAL":
+                e = SHUTTING_DOWN
             code = e.code
             raise _fail(ctx, e.code, e.message) from None
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
             raise
         except Exception:
+            if self._closing:
+                code = SHUTTING_DOWN.code
+                raise _fail(ctx, code, SHUTTING_DOWN.message) from None
             code = "INTERNAL"
             logger.exception("saescope: %s failed", rpc)
             raise _fail(ctx, code, INTERNAL_DETAILS) from None
         finally:
             self._metrics.request_done(rpc, code, time.perf_counter() - start)
-
-    def _authenticate(self, ctx: RayServegRPCContext) -> None:
-        if self._api_key is None:
-            return
-        sent = ""
-        for key, value in ctx.invocation_metadata():
-            if key == "x-api-key":
-                sent = value
-            elif key == "authorization" and value.lower().startswith("bearer "):
-                sent = value[7:].strip()
-        if not sent:
-            raise Unauthenticated("an API key is required: metadata x-api-key or authorization")
-        if not hmac.compare_digest(sent.encode(), self._api_key.encode()):
-            raise Unauthenticated("the API key is not valid")
 
     # ---- engine work, off the event loop ---------------------------------------------------------
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
@@ -211,13 +223,12 @@ class SaeScope:
         self._forward_waiting += 1
         self._metrics.queue_depth("forward", self._forward_waiting)
         try:
-            result = await self._forward.submit(req)
+            plan = await self._run(self._engine.plan_activations, req)
+            parts = plan.parts(self._engine.slice_tokens)
+            return plan.result(parts, await self._forward.submit_all(parts))
         finally:
             self._forward_waiting -= 1
             self._metrics.queue_depth("forward", self._forward_waiting)
-        if isinstance(result, BaseException):
-            raise result
-        return result
 
 
 def _fail(ctx: RayServegRPCContext, code: str, details: str) -> RpcFailed:

@@ -23,6 +23,8 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from saescope.service import wire_limits
+from saescope.service.access import AccessPolicy
 from saescope.service.types import Limits
 
 _SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -69,6 +71,17 @@ class LimitsConfig(_Strict):
     """Chosen features per activation call, and interventions per generation."""
     max_contrast_prompts: int = Field(default=Limits.max_contrast_prompts, ge=2)
     """Prompts per side of a contrast search."""
+    max_stop_strings: int = Field(default=Limits.max_stop_strings, ge=0)
+    """Stop strings per generation (each is searched for after every token)."""
+    max_stop_string_chars: int = Field(default=Limits.max_stop_string_chars, ge=1)
+    """Characters of one stop string."""
+    max_tokens_per_call: int = Field(default=Limits.max_tokens_per_call, ge=1)
+    """Tokens of all prompts of one activation call, or of both sides of a contrast search."""
+    max_response_bytes: int = Field(
+        default=Limits.max_response_bytes, ge=2**16, le=wire_limits.MAX_MESSAGE_BYTES
+    )
+    """Estimated size of one activation response, checked before any work; at most the
+    message size the gRPC proxy sends (``wire_limits``; common clients refuse more)."""
 
     def to_domain(self) -> Limits:
         return Limits(**self.model_dump())
@@ -140,10 +153,23 @@ class AppConfig(_Strict):
     replica's next batch is simply what queued meanwhile)."""
     max_decode_rows: int = Field(default=32, ge=1)
     """Most generation rows (steered + baseline branches) one decode step advances together."""
+    forward_slice_tokens: int | None = Field(default=None, ge=1)
+    """Activation and contrast work is cut into forward passes of about this many tokens, and
+    concurrent calls take turns between them, so a big call does not hold up small ones;
+    default: per device (``activations.SLICE_TOKENS``)."""
 
-    # ---- access ----
+    # ---- access (saescope.service.access) ----
     api_key_env: str | None = None
-    """Name of the environment variable holding the API key; unset: no key required."""
+    """Name of the environment variable holding the API key, or several separated by commas or
+    newlines (all valid at once: rotate by adding the new key, then removing the old); read
+    when a replica starts."""
+    api_keys_file: str | None = None
+    """A file of API keys (one or more, as above; ``#`` comments), e.g. a mounted Secret; it is
+    re-read when it changes, so keys rotate without a restart. ``~``/``$VARS`` expanded."""
+    allow_remote_without_key: bool = False
+    """With no key configured, the service answers only callers on loopback (Serve's gRPC proxy
+    listens on every interface); true lifts that, for a service behind a gateway that
+    authenticates callers itself."""
 
     @field_validator("saes")
     @classmethod
@@ -173,14 +199,24 @@ class AppConfig(_Strict):
     def sae_paths(self) -> dict[str, Path]:
         return {s.sae_id: s.resolved_path for s in self.saes}
 
-    def api_key(self) -> str | None:
-        """The key callers must send, read from ``api_key_env`` (an error if it is unset)."""
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
-        return key
+    @property
+    def requires_key(self) -> bool:
+        """Whether callers must send an API key (``api_key_env`` or ``api_keys_file`` is set)."""
+        return self.api_key_env is not None or self.api_keys_file is not None
+
+    def access_policy(self) -> AccessPolicy:
+        """The replica's access policy; a ``ConfigError`` names a key setting that yields no key."""
+        keys_file = None
+        if self.api_keys_file is not None:
+            keys_file = Path(os.path.expandvars(self.api_keys_file)).expanduser()
+        try:
+            return AccessPolicy.from_env(
+                self.api_key_env,
+                keys_file,
+                allow_remote_without_key=self.allow_remote_without_key,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def deployment_options(self) -> dict[str, Any]:
         """Options of the Serve deployment (``Deployment.options(**...)``)."""

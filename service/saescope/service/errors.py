@@ -2,11 +2,15 @@
 
 The engine raises these (it knows nothing of gRPC); the app maps ``code`` to a gRPC status in
 one place. Messages are for the user: they name the field and the limit, never a traceback.
+Only ``Unavailable`` asks the caller to retry (the SDK does, with backoff).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+INTERNAL_DETAILS = "internal error; the server log has the details"
+"""What a caller sees of a server bug: never the exception, its traceback, actor ids or pids."""
 
 
 class SaescopeError(Exception):
@@ -64,3 +68,15 @@ class Unauthenticated(SaescopeError):
     """A key is required and was missing or wrong."""
 
     code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SaescopeError):
+    """The caller may not use the service (e.g. not on loopback while no key is configured)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unavailable(SaescopeError):
+    """The service cannot answer now (a replica shutting down or restarting); retry the call."""
+
+    code = "UNAVAILABLE"

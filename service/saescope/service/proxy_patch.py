@@ -1,9 +1,18 @@
-"""Workaround for a Ray Serve gRPC proxy bug: a cancelled stream is not always cancelled.
+"""saescope's additions to Ray Serve's gRPC proxy, installed from inside the proxy.
 
 Listed in ``grpc_options.grpc_servicer_functions`` after ``add_SaeScopeServicer_to_server``;
 Serve imports and calls every function of that list in each proxy actor when it starts its gRPC
-server (``ray.serve._private.grpc_util.start_grpc_server``: ``fn(mock_servicer, server)``), so
-:func:`install` runs in the proxy process — the only place the bug can be fixed from outside.
+server (``ray.serve._private.grpc_util.start_grpc_server``: ``fn(mock_servicer, server)``, before
+``server.start()``), so :func:`install` runs in the proxy process — the only place the proxy can
+be changed from outside. It installs:
+
+1. the fix below, so that a client's cancellation of a stream always reaches the replica;
+2. ``proxy_errors``: UNAVAILABLE (not INTERNAL with actor ids and pids) when a replica dies
+   under a call, CANCELLED for cancellations, INVALID_ARGUMENT (not UNKNOWN) for a request that
+   does not parse;
+3. ``health``: the standard ``grpc.health.v1.Health`` service, answered by the proxy.
+
+The cancellation bug fixed by 1:
 
 The bug (Ray 2.60.0). The proxy serves a server-streaming call with an async generator
 (``gRPCProxy.service_handler_factory.<locals>.unary_stream``) that the grpc aio server iterates
@@ -35,11 +44,12 @@ NOT_FOUND, …) as an ERROR with a traceback. Both would page an operator for a 
 :class:`QuietClientOutcomes`, a filter on Serve's logger in the proxy, turns them into one INFO
 line without a traceback; INTERNAL and everything else Ray logs stay as they are.
 
-The patch is idempotent and version-guarded: it applies only to the Ray versions whose proxy
-code it was checked against (``SUPPORTED_RAY_VERSIONS``) and whose patched attributes exist;
-otherwise it logs a warning and changes nothing (cancellation then works as well as Ray's does).
-Re-check ``proxy.py``/``proxy_response_generator.py`` before adding a version — and drop this
-module once Ray cancels abandoned gRPC streams itself.
+The patches are idempotent and version-guarded: 1 and 2 apply only to the Ray versions whose
+proxy code they were checked against (``SUPPORTED_RAY_VERSIONS``) and whose patched attributes
+exist; otherwise a warning is logged and Ray's behaviour stays (cancellation as good as Ray's,
+Ray's status codes). Re-check ``proxy.py``, ``proxy_response_generator.py`` and ``grpc_util.py``
+before adding a version — and drop each part once Ray does it itself. 3 needs only Serve's
+passthrough services and ``grpcio-health-checking``.
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ import contextvars
 import functools
 import logging
 from typing import Any
+
+from saescope.service import proxy_errors
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: the proxy's log file
 
@@ -100,9 +112,30 @@ class QuietClientOutcomes(logging.Filter):
 
 
 def install(servicer: Any = None, server: Any = None) -> bool:
-    """Patch Serve's gRPC proxy (see the module's docstring). A ``grpc_servicer_functions``
-    entry: Serve calls it with a mock servicer and the proxy's gRPC server, both unused.
-    Returns whether the patch is in place."""
+    """Install saescope's additions to the proxy (see the module's docstring). A
+    ``grpc_servicer_functions`` entry: Serve calls it with a mock servicer (unused) and the
+    proxy's gRPC server, not yet started. Returns whether the version-guarded patches are in
+    place."""
+    patched = _patch_proxy()
+    if server is not None and not getattr(server, _MARK, False):
+        if patched:
+            proxy_errors.guard_request_parsing(server)
+        _add_health(server)
+        setattr(server, _MARK, True)
+    return patched
+
+
+def _add_health(server: Any) -> None:
+    try:
+        from saescope.service.health import add_health_servicer
+    except ImportError:
+        logger.warning("saescope proxy_patch: grpcio-health-checking is missing: no grpc.health.v1")
+        return
+    add_health_servicer(None, server)
+
+
+def _patch_proxy() -> bool:
+    """Patch the proxy module (cancellation, status codes) once per process."""
     try:
         import ray
         from ray.serve._private import proxy
@@ -114,10 +147,12 @@ def install(servicer: Any = None, server: Any = None) -> bool:
     base: Any = getattr(proxy, "ProxyResponseGenerator", None)
     grpc_proxy: Any = getattr(proxy, "gRPCProxy", None)
     send: Any = getattr(grpc_proxy, "send_request_to_replica", None)
-    if ray.__version__ not in SUPPORTED_RAY_VERSIONS or base is None or send is None:
+    status: Any = getattr(proxy, "get_grpc_response_status", None)
+    if ray.__version__ not in SUPPORTED_RAY_VERSIONS or None in (base, send, status):
         logger.warning(
             "saescope proxy_patch: not patching Ray %s (checked against %s): a client's "
-            "cancellation of a gRPC stream may not reach the replica",
+            "cancellation of a gRPC stream may not reach the replica, and a replica lost "
+            "mid-call answers INTERNAL",
             ray.__version__,
             ", ".join(sorted(SUPPORTED_RAY_VERSIONS)),
         )
@@ -154,7 +189,11 @@ def install(servicer: Any = None, server: Any = None) -> bool:
 
     proxy.ProxyResponseGenerator = CancelAbandonedResponseGenerator  # type: ignore[misc]
     grpc_proxy.send_request_to_replica = send_request_to_replica
+    proxy_errors.patch_status(proxy)
     logger.addFilter(QuietClientOutcomes())
     setattr(proxy, _MARK, True)
-    logger.info("saescope proxy_patch: cancelled gRPC streams now cancel their replica request")
+    logger.info(
+        "saescope proxy_patch: cancelled gRPC streams now cancel their replica request; "
+        "lost replicas answer UNAVAILABLE"
+    )
     return True

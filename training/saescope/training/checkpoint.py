@@ -6,18 +6,21 @@ Layout of a checkpoint directory::
     sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec — the exported SAE, in model units
     sparsity.safetensors      "sparsity": log10 feature density over the last window (optional)
     saescope.json             saescope's metadata: model, hookpoint, scale, tokens, metrics,
-                              config, and the sha256 of every other file
+                              config, and ``files``: the sha256 of every other file
     training_state/           (optional) what resuming needs: raw weights, optimizer, RNG, data
                               position — tensors in safetensors, the rest in JSON; never pickle
 
 A checkpoint is built in a temporary sibling directory and renamed into place, so a reader sees
-either the old checkpoint or the complete new one, never a half-written one.
+either the old checkpoint or the complete new one, never a half-written one. Loading verifies
+every file against ``files`` first, and refuses a checkpoint whose map is absent or leaves a
+weight, state or config file out (:func:`verify`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +41,7 @@ SPARSITY_FILE = "sparsity.safetensors"
 CFG_FILE = "cfg.json"
 STATE_DIR = "training_state"
 SAE_LENS_VERSION = "6.0.0"  # the cfg.json schema we write: SAELens ≥ 6
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(ValueError):
@@ -168,10 +172,23 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file against the sha256 recorded in ``saescope.json``; return the metadata."""
+    """Check the checkpoint against the sha256 map in ``saescope.json``; return the metadata.
+
+    The map must be complete: it must name ``sae_weights.safetensors`` and every other file a
+    loader reads (``cfg.json``, every ``*.safetensors``, everything under ``training_state/``),
+    and every file it names must be present with that digest. A checkpoint without the map, or
+    with a file the map leaves out, is refused: an unlisted file could be corrupt unnoticed.
+    """
     path = Path(path)
     meta = meta or read_meta(path)
-    for rel, digest in meta.get("files", {}).items():
+    files = _hash_map(path, meta)
+    unlisted = sorted(_verified_files(path) - files.keys())
+    if unlisted:
+        raise CheckpointError(
+            f"checkpoint: {path}: {META_FILE} records no sha256 for {', '.join(unlisted)} "
+            "(an incomplete hash map; the files cannot be verified)"
+        )
+    for rel, digest in sorted(files.items()):
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint: {path} is missing {rel}")
@@ -180,6 +197,44 @@ def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
                 f"checkpoint: {f} does not match its recorded sha256 (corrupt or truncated)"
             )
     return meta
+
+
+def verify_resumable(path: Path) -> dict[str, Any]:
+    """:func:`verify`, and check that the checkpoint holds a training state to resume from."""
+    meta = verify(path)
+    if not (Path(path) / STATE_DIR / "state.json").is_file():
+        raise CheckpointError(f"checkpoint: {path} has no {STATE_DIR}/ (not resumable)")
+    return meta
+
+
+def _hash_map(path: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """The ``files`` map of ``meta``, checked for shape: relative paths to hex sha256 digests."""
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(
+            f"checkpoint: {path}: {META_FILE} has no 'files' map of sha256 digests; "
+            "its weights cannot be verified (re-save it with saescope)"
+        )
+    for rel, digest in files.items():
+        parts = Path(rel).parts  # JSON keys are strings
+        if not parts or Path(rel).is_absolute() or ".." in parts:
+            raise CheckpointError(f"checkpoint: {path}: {META_FILE} files: bad path {rel!r}")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise CheckpointError(
+                f"checkpoint: {path}: {META_FILE} files[{rel!r}]: not a sha256 hex digest"
+            )
+    return files
+
+
+def _verified_files(path: Path) -> set[str]:
+    """Files the hash map must cover: the weights (present or not) and whatever is loadable."""
+    found = {WEIGHTS_FILE}
+    if (path / CFG_FILE).is_file():
+        found.add(CFG_FILE)
+    found |= {str(f.relative_to(path)) for f in path.rglob("*.safetensors") if f.is_file()}
+    if (path / STATE_DIR).is_dir():
+        found |= {str(f.relative_to(path)) for f in (path / STATE_DIR).rglob("*") if f.is_file()}
+    return found
 
 
 def load_sae(
@@ -202,10 +257,8 @@ def load_sae(
 
 def load_training_state(path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """The ``training_state/`` of a (verified) checkpoint: tensor files by stem, and state.json."""
-    verify(path)
+    verify_resumable(path)
     state_dir = Path(path) / STATE_DIR
-    if not state_dir.is_dir():
-        raise CheckpointError(f"checkpoint: {path} has no {STATE_DIR}/ (not resumable)")
     tensors = {f.stem: _load_tensors(f) for f in sorted(state_dir.glob("*.safetensors"))}
     state = json.loads((state_dir / "state.json").read_text())
     return tensors, state

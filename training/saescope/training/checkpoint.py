@@ -159,6 +159,11 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError as e:
+        if (path / "cfg.json").is_file():  # SAELens's (and sparsify's) folders start with it
+            raise CheckpointError(
+                f"checkpoint: {path} has a cfg.json but no {META_FILE}: a SAELens or sparsify "
+                "SAE; saescope serves only checkpoints written by `saescope train` so far"
+            ) from e
         raise CheckpointError(f"checkpoint: {path} has no {META_FILE} (incomplete?)") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint: {path / META_FILE} is not valid JSON: {e}") from e

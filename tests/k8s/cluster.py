@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .kustomize import Manifest, Rendered, build
+from .kustomize import Manifest, Rendered, build, build_python
 from .paths import K8S_DIR
 
 
@@ -15,6 +17,23 @@ from .paths import K8S_DIR
 def rendered(kustomization: str) -> Rendered:
     """The build of ``k8s/<kustomization>`` (cached for the session)."""
     return build(K8S_DIR / kustomization)
+
+
+def with_component(component: str, folder: Path) -> list[Manifest]:
+    """The base with one of k8s/components, built in Python from a kustomization written to
+    ``folder`` (which a real kustomize can then build too)."""
+    (folder / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # Relative: kustomize refuses absolute paths.
+                "resources": [os.path.relpath(K8S_DIR / "base", folder)],
+                "components": [os.path.relpath(K8S_DIR / "components" / component, folder)],
+            }
+        )
+    )
+    return build_python(folder)
 
 
 def objects(kustomization: str, kind: str | None = None) -> list[Manifest]:

@@ -6,8 +6,11 @@ suffix). Checked against a live Ray 2.60 scrape when this was written, e.g.
 ``ray_saescope_requests_total``, ``ray_saescope_request_latency_s_bucket``,
 ``ray_serve_deployment_replica_healthy``.
 
-saescope's own metrics are its contract (``ray.serve.metrics`` in the service); Ray Serve's are
-read from the installed Ray's source, so a rename in a Ray upgrade shows up here.
+saescope's own metrics are its contract (``ray.serve.metrics`` in the service); Ray Serve's, and
+Ray's per-node and per-process resource metrics (CPU, memory, GPU: the dashboard agent's
+reporter), are read from the installed Ray's source, so a rename in a Ray upgrade shows up here.
+The KubeRay operator's metrics (``kuberay_*``, scraped from the operator, not from Ray) are
+listed by hand from its source.
 """
 
 from __future__ import annotations
@@ -32,6 +35,20 @@ SAESCOPE_METRICS: dict[str, MetricType] = {
     "saescope_queue_depth": "gauge",
 }
 
+# The KubeRay operator's RayService metrics, all gauges with the value 1 and a `condition`
+# label "true"/"false" (KubeRay v1.7.0, ray-operator/controllers/ray/metrics/
+# ray_service_metrics.go). Labels: name, namespace (the RayService's, with the Helm chart's
+# ServiceMonitor honorLabels: true), uid, condition.
+KUBERAY_METRICS = frozenset(
+    {
+        "kuberay_service_info",
+        "kuberay_service_condition_ready",
+        "kuberay_service_condition_upgrade_in_progress",
+    }
+)
+# Ray's node and process gauges that exist only on nodes with a GPU.
+GPU_ONLY_PREFIXES = ("ray_node_gpu", "ray_node_gram_")
+
 # metrics.Counter("serve_..."), metrics.Gauge(name=f"serve_{protocol_name}_..."), ...
 _DEFINITION = re.compile(
     r"metrics\.(Counter|Gauge|Histogram)\(\s*(?:name\s*=\s*)?f?\"(serve_[a-z_{}]+)\"", re.S
@@ -39,6 +56,8 @@ _DEFINITION = re.compile(
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 # Values Ray substitutes into f-string names (RequestProtocol, lower-cased).
 _PROTOCOLS = ("http", "grpc")
+# The reporter's table of gauges: `    "node_cpu_utilization": Gauge(`.
+_REPORTER_GAUGE = re.compile(r'^    "([a-z_]+)": Gauge\(', re.M)
 
 
 def exported(name: str, kind: MetricType) -> set[str]:
@@ -81,3 +100,32 @@ def ray_serve_exported_names() -> set[str]:
     return {
         series for name, kind in ray_serve_definitions().items() for series in exported(name, kind)
     }
+
+
+def ray_resource_gauges(reporter: Path | None = None) -> set[str]:
+    """Ray's node and process gauges (``node_cpu_utilization``, ``component_rss_bytes``, ...)."""
+    if reporter is None:
+        import ray.dashboard.modules.reporter.reporter_agent as agent
+
+        reporter = Path(agent.__file__)
+    return set(_REPORTER_GAUGE.findall(reporter.read_text()))
+
+
+def ray_resource_exported_names() -> set[str]:
+    """Series names of Ray's node and process gauges."""
+    return {f"ray_{name}" for name in ray_resource_gauges()}
+
+
+def known_names() -> set[str]:
+    """Every series name a Prometheus scraping saescope (and the KubeRay operator) can see."""
+    return (
+        saescope_exported_names()
+        | ray_serve_exported_names()
+        | ray_resource_exported_names()
+        | KUBERAY_METRICS
+    )
+
+
+def gpu_only(name: str) -> bool:
+    """Whether a series exists only where Ray sees a GPU."""
+    return name.startswith(GPU_ONLY_PREFIXES)

@@ -1,8 +1,9 @@
-"""Where things are: the repository's k8s/ tree, the shared CRD schemas, and external tools.
+"""Where things are: the repository's k8s/ tree, the CRD schemas, and external tools.
 
-The CRD schemas live beside the repository (``<repo>/../shared/schemas``), not in it; CI clones
-the repository next to ``shared/``. External tools (promtool) are required: a missing one fails
-the test with the install command, unless ``SAESCOPE_ALLOW_MISSING_TOOLS=1`` turns that into a skip.
+The CRD schemas are test data in the repository (``tests/k8s/crd_schemas``, with their source,
+version and licence), so a plain clone validates the custom resources. External tools
+(promtool) are required: a missing one fails the test with the install command, unless
+``SAESCOPE_ALLOW_MISSING_TOOLS=1`` turns that into a skip.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ MONITORING_DIR = K8S_DIR / "monitoring"
 RULES_FILE = MONITORING_DIR / "prometheusrule.yaml"
 DASHBOARD_FILE = MONITORING_DIR / "grafana-dashboard.json"
 RULE_TESTS_DIR = MONITORING_DIR / "tests"
+RUNBOOK_FILE = K8S_DIR / "RUNBOOK.md"
 DOCKERFILE = K8S_DIR / "Dockerfile"
-SCHEMAS_DIR = (REPO_ROOT / ".." / "shared" / "schemas").resolve()
+SERVE_REQUIREMENTS = K8S_DIR / "serve-requirements.txt"
+CONSTRAINTS = REPO_ROOT / "constraints.txt"
+SCHEMAS_DIR = Path(__file__).resolve().parent / "crd_schemas"
 
-# Every kustomization that must build on its own (components are built through the overlays).
-KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu", "monitoring")
-# Those that are complete deployments (namespace, image and serve config set).
+# Every kustomization that must build on its own (components are built through the overlays
+# and, each alone on the base, by test_manifests).
+KUSTOMIZATIONS = ("base", "overlays/gpu", "overlays/cpu", "monitoring", "storage")
+# Those that are complete deployments of the app (namespace, image and serve config set).
 OVERLAYS = ("overlays/gpu", "overlays/cpu")
+# Optional pieces an overlay may add (k8s/components/<name>).
+COMPONENTS = ("data-volume", "fetch-model", "gcs-fault-tolerance")
 
 INSTALL_HINTS = {
     "promtool": "apt-get install -y --no-install-recommends prometheus  (Debian/Ubuntu)",
@@ -43,10 +50,3 @@ def require_tool(name: str) -> str:
     if os.environ.get("SAESCOPE_ALLOW_MISSING_TOOLS") == "1":
         pytest.skip(f"{message} (skipped: SAESCOPE_ALLOW_MISSING_TOOLS=1)")
     pytest.fail(f"{message} (or set SAESCOPE_ALLOW_MISSING_TOOLS=1 to skip)", pytrace=False)
-
-
-def require_schemas() -> Path:
-    """Return the shared CRD schema folder, skipping when the checkout has no ``../shared``."""
-    if not SCHEMAS_DIR.is_dir():
-        pytest.skip(f"CRD schemas not found at {SCHEMAS_DIR} (expected shared/ beside the repo)")
-    return SCHEMAS_DIR

@@ -29,9 +29,10 @@ DEFAULT_VARIABLES: Mapping[str, str] = {
     "__range": "1h",
 }
 _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-# Metric names as the rules and dashboard write them: Ray's exported series, or recorded ones.
-_METRIC = re.compile(r"\b(ray_[A-Za-z0-9_]+|saescope:[A-Za-z0-9_:]+)")
-_SELECTOR = re.compile(r"\b(ray_[A-Za-z0-9_]+)(\{[^}]*\})?")
+# Metric names as the rules and dashboard write them: Ray's exported series, the KubeRay
+# operator's, or recorded ones.
+_METRIC = re.compile(r"\b((?:ray|kuberay)_[A-Za-z0-9_]+|saescope:[A-Za-z0-9_:]+)")
+_SELECTOR = re.compile(r"\b((?:ray|kuberay)_[A-Za-z0-9_]+)(\{[^}]*\})?")
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,12 @@ def all_expressions() -> list[Expression]:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names an expression reads (``ray_*`` series and ``saescope:*`` recordings)."""
+    """The metric names an expression reads (``ray_*``, ``kuberay_*``, ``saescope:*``)."""
     return set(_METRIC.findall(expr))
 
 
 def selectors(expr: str) -> list[tuple[str, str]]:
-    """Each ``ray_*`` metric the expression selects, with its label matchers ('' when none)."""
+    """Each scraped metric the expression selects, with its label matchers ('' when none)."""
     return [(name, matchers or "") for name, matchers in _SELECTOR.findall(expr)]
 
 

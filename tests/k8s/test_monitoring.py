@@ -14,9 +14,11 @@ import pytest
 import yaml
 
 from . import metric_names, promql, promtool
-from .paths import DASHBOARD_FILE, K8S_DIR, REPO_ROOT, require_tool
+from .paths import DASHBOARD_FILE, K8S_DIR, REPO_ROOT, RUNBOOK_FILE, require_tool
 
 ALERTS = [e for e in promql.rule_expressions() if e.source == "alert"]
+# Where k8s/RUNBOOK.md is published; the alerts' runbook_url points at its sections.
+RUNBOOK_URL = "https://saescope.example.com/k8s/RUNBOOK.md"
 
 
 def test_promtool_check_rules(tmp_path: Path) -> None:
@@ -58,6 +60,65 @@ def test_alert_has_severity_and_explains_itself(alert: str) -> None:
     assert rule.get("for"), "an alert without `for` pages on a single scrape"
 
 
+@pytest.mark.parametrize("alert", [a.name for a in ALERTS])
+def test_alert_links_its_runbook_section(alert: str) -> None:
+    spec = promtool.rule_groups()
+    (rule,) = [r for g in spec["groups"] for r in g["rules"] if r.get("alert") == alert]
+    url = rule["annotations"]["runbook_url"]
+    assert url == f"{RUNBOOK_URL}#{alert.lower()}"
+    headings = re.findall(r"^## (\w+)$", RUNBOOK_FILE.read_text(), re.M)
+    assert alert in headings, f"k8s/RUNBOOK.md has no section `## {alert}`"
+
+
+def test_runbook_has_no_section_for_an_alert_that_does_not_exist() -> None:
+    headings = set(re.findall(r"^## (SaeScope\w+)$", RUNBOOK_FILE.read_text(), re.M))
+    assert headings == {a.name for a in ALERTS}
+
+
+def test_error_alerts_have_a_traffic_floor_and_spare_callers_deadlines() -> None:
+    """An error ratio over a handful of calls pages on noise; a caller's own deadline, or its
+    cancelling, is not the service failing."""
+    spec = promtool.rule_groups()
+    rules = {r.get("alert") or r["record"]: r for g in spec["groups"] for r in g["rules"]}
+    for name in (
+        "SaeScopeHighErrorRatio",
+        "SaeScopeErrorBudgetBurnFast",
+        "SaeScopeErrorBudgetBurnSlow",
+    ):
+        assert re.search(r"saescope:slo_requests:rate\w+ >= ", rules[name]["expr"]), name
+    for name, rule in rules.items():
+        for codes in re.findall(r'(?:code|status_code)=~"([^"]+)"', rule["expr"]):
+            assert not {"DEADLINE_EXCEEDED", "CANCELLED"} & set(codes.split("|")), name
+
+
+def test_burn_rate_windows_pair_long_and_short() -> None:
+    """Multi-window burn rates (SRE workbook): each long window with one 1/12 as long."""
+    spec = promtool.rule_groups()
+    rules = {r.get("alert"): r for g in spec["groups"] for r in g["rules"] if "alert" in r}
+    pairs: dict[str, list[tuple[str, str, float]]] = {
+        "SaeScopeErrorBudgetBurnFast": [("1h", "5m", 14.4), ("6h", "30m", 6)],
+        "SaeScopeErrorBudgetBurnSlow": [("3d", "6h", 1)],
+    }
+    for alert, windows in pairs.items():
+        expr = " ".join(rules[alert]["expr"].split())
+        for long, short, factor in windows:
+            for window in (long, short):
+                assert f"saescope:slo_errors:ratio_rate{window} > ({factor} * 0.005)" in expr
+
+
+def test_dashboard_shows_cpu_memory_and_gpu() -> None:
+    used = {name for e in promql.dashboard_expressions() for name in promql.metric_names(e.expr)}
+    resources = metric_names.ray_resource_exported_names()
+    assert used & resources >= {
+        "ray_component_cpu_percentage",
+        "ray_node_cgroup_mem_used",
+        "ray_node_cgroup_mem_total",
+        "ray_node_gpus_utilization",
+        "ray_node_gram_used",
+        "ray_node_gram_available",
+    }
+
+
 def test_readme_lists_every_alert() -> None:
     readme = (K8S_DIR / "README.md").read_text()
     missing = [a.name for a in ALERTS if f"| {a.name} |" not in readme]
@@ -78,8 +139,9 @@ def test_dashboard_expressions_parse(tmp_path: Path) -> None:
 
 
 def test_promql_reads_only_metrics_that_exist() -> None:
-    """Every ``ray_*`` series is saescope's or Ray Serve's; every ``saescope:*`` is recorded."""
-    exported = metric_names.saescope_exported_names() | metric_names.ray_serve_exported_names()
+    """Every ``ray_*`` series is saescope's, Ray Serve's or Ray's node and process gauges;
+    every ``kuberay_*`` the operator's; every ``saescope:*`` is recorded."""
+    exported = metric_names.known_names()
     recorded = promql.recorded_names()
     unknown = {
         f"{e.source} {e.name}: {name}"

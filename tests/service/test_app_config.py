@@ -54,6 +54,11 @@ def test_default_config_serves_the_default_sae() -> None:
         ({"saes": [SAE], "num_gpus": -1}, "num_gpus"),
         ({"saes": [SAE], "api_key_env": "not a name"}, "api_key_env"),
         ({"saes": [SAE], "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling"),
+        (
+            {"saes": [SAE], "autoscaling": {"max_replicas": 2, "initial_replicas": 3}},
+            "initial_replicas (3) must lie in [min_replicas, max_replicas] = [1, 2]",
+        ),
+        ({"saes": [SAE], "autoscaling": {"upscale_delay_s": -1}}, "autoscaling.upscale_delay_s"),
     ],
 )
 def test_config_errors_name_the_field(args: dict[str, Any], field: str) -> None:
@@ -70,6 +75,13 @@ def test_deployment_options_follow_the_config() -> None:
     scaled = load_app_config({"saes": [SAE], "autoscaling": {"max_replicas": 4}})
     assert "num_replicas" not in scaled.deployment_options()
     assert scaled.deployment_options()["autoscaling_config"]["max_replicas"] == 4
+    # Serve takes every field as it is (initial_replicas: a NewCluster upgrade at full size).
+    from ray.serve.config import AutoscalingConfig as ServeAutoscaling
+
+    full = {"min_replicas": 2, "max_replicas": 4, "initial_replicas": 4, "downscale_delay_s": 60}
+    options = load_app_config({"saes": [SAE], "autoscaling": full}).deployment_options()
+    serve_cfg = ServeAutoscaling(**options["autoscaling_config"])
+    assert (serve_cfg.initial_replicas, serve_cfg.downscale_delay_s) == (4, 60)
 
 
 def test_api_keys_come_from_the_named_variable(monkeypatch: pytest.MonkeyPatch) -> None:

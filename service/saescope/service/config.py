@@ -96,6 +96,13 @@ class AutoscalingConfig(_Strict):
     """Most replicas started under load."""
     target_ongoing_requests: float = Field(default=8, gt=0)
     """Ongoing requests per replica that autoscaling aims for."""
+    initial_replicas: int | None = Field(default=None, ge=0)
+    """Replicas a new deployment starts with (a first deploy, the new cluster of a KubeRay
+    NewCluster upgrade, which should take over at full size); default: ``min_replicas``."""
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    """How long load must stay above target before replicas are added."""
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    """How long load must stay below target before replicas are removed."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -103,6 +110,12 @@ class AutoscalingConfig(_Strict):
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must not exceed "
                 f"max_replicas ({self.max_replicas})"
+            )
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({initial}) must lie in [min_replicas, max_replicas] = "
+                f"[{self.min_replicas}, {self.max_replicas}]"
             )
         return self
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_HOOKPOINT, base_parser, bench_main, build_random_sae
+from saescope.service import wire_limits
 from tests.support.serve import SERVICER_FUNCTIONS, _wait_for_grpc, _wait_for_http, free_port
 
 APP_NAME = "saescope"
@@ -135,6 +136,7 @@ def start_app(args: dict[str, Any]) -> Iterator[str]:
             proxy_location="HeadOnly",
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options={"port": grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+            controller_options=wire_limits.controller_options(),  # 4 MiB messages, as deployed
         )
         serve.run(build_app(args), name=APP_NAME, route_prefix=f"/{APP_NAME}")
         target = f"127.0.0.1:{grpc_port}"

@@ -24,6 +24,7 @@ ORDER = (
     "serve_steering",
     "serve_streams",
     "serve_contrast",
+    "serve_fairness",
     "serve_overhead",
     "serve_memory",
     "train_speed",
@@ -186,6 +187,17 @@ def plot_serve_overhead(res: Result, ax: Any) -> None:
     ax.set_title("per-call latency (CDF)")
 
 
+def plot_serve_fairness(res: Result, ax: Any) -> None:
+    for name, xs in res["series"]["latency_s"].items():
+        ms = sorted(1e3 * x for x in xs)
+        ax.plot(ms, [(i + 1) / len(ms) for i in range(len(ms))], "o-", ms=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("small-call latency ms")
+    ax.set_ylabel("fraction of calls")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("small calls alone / beside a big call (CDF)")
+
+
 def plot_serve_memory(res: Result, ax: Any) -> None:
     s = res["series"]
     ax.plot(s["calls"], s["rss_mib"], "o-")
@@ -242,6 +254,7 @@ PLOTS: dict[str, Callable[[Result, Any], None]] = {
     "serve_streams": plot_serve_streams,
     "serve_contrast": plot_serve_contrast,
     "serve_overhead": plot_serve_overhead,
+    "serve_fairness": plot_serve_fairness,
     "serve_memory": plot_serve_memory,
     "train_speed": plot_train_speed,
     "train_quality": plot_train_quality,

@@ -25,6 +25,7 @@ from bench import (
     report,
     serve_activations,
     serve_contrast,
+    serve_fairness,
     serve_memory,
     serve_overhead,
     serve_steering,
@@ -41,6 +42,7 @@ SERVE: tuple[ModuleType, ...] = (
     serve_steering,
     serve_streams,
     serve_contrast,
+    serve_fairness,
     serve_memory,
 )
 TRAIN: tuple[ModuleType, ...] = (train_speed, train_quality)

@@ -54,6 +54,10 @@ def test_declares_the_saescope_app_and_grpc_proxy(kustomization: str) -> None:
     app = cluster.app_config(kustomization)
     assert (app["name"], app["route_prefix"], app["import_path"]) == ("saescope", "/", IMPORT_PATH)
     assert [d["name"] for d in app["deployments"]] == ["SaeScope"]
+    # The proxies bound gRPC messages as `saescope serve` does (Serve's default is 2 GiB).
+    from saescope.service import wire_limits
+
+    assert config["controller_options"] == wire_limits.controller_options()
 
 
 def test_grpc_servicer_functions_resolve() -> None:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from saescope.service import wire_limits
 from saescope.service.config import ConfigError, load_app_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,10 @@ def test_serve_configs_validate(path: Path) -> None:
     ]
     cfg = load_app_config(app.args)
     assert cfg.saes and cfg.num_gpus == 0
+    # The proxies bound gRPC messages as `saescope serve` does (Serve's default is 2 GiB).
+    assert schema.controller_options is not None
+    raw = yaml.safe_load(path.read_text())["controller_options"]
+    assert raw == wire_limits.controller_options()
 
 
 def test_default_config_serves_the_default_sae() -> None:

@@ -110,3 +110,87 @@ def test_bad_settings_name_the_field(field: str, value: float) -> None:
     kwargs: dict = {"max_batch_size": 4, "wait_s": 0.0} | {field: value}
     with pytest.raises(ValueError, match=field):
         ForwardBatcher(Engine().run, **kwargs)
+
+
+# ---- callers that hand in their work in parts take turns -----------------------------------------
+def test_small_callers_are_not_starved_by_a_big_one() -> None:
+    """A big caller of 8 slices; 6 small callers arrive while its first slice runs. They go in
+    the very next batch (its next slice would take it over the cost bound), and finish long
+    before the big caller."""
+
+    async def main() -> tuple[list[list[int]], list[str]]:
+        engine, done = Engine(seconds=0.03), []
+        b = ForwardBatcher(
+            engine.run,
+            max_batch_size=16,
+            wait_s=0.0,
+            cost=lambda i: 100 if i >= 100 else 1,
+            max_batch_cost=100,
+        )
+
+        async def call(name: str, items: list[int]) -> list[int]:
+            out = await b.submit_all(items)
+            done.append(name)
+            return out
+
+        big = asyncio.create_task(call("big", list(range(100, 108))))
+        await asyncio.sleep(0.01)  # the big caller's first slice is running
+        small = [asyncio.create_task(call(f"s{i}", [i])) for i in range(6)]
+        assert await big == [10 * i for i in range(100, 108)]
+        assert [await s for s in small] == [[10 * i] for i in range(6)]
+        return engine.batches, done
+
+    batches, done = asyncio.run(main())
+    assert batches[0] == [100]
+    assert batches[1] == [0, 1, 2, 3, 4, 5]  # the small ones next, in a batch of their own
+    assert batches[2:] == [[i] for i in range(101, 108)]
+    assert done == [f"s{i}" for i in range(6)] + ["big"]
+
+
+def test_big_callers_alternate() -> None:
+    async def main() -> list[list[int]]:
+        engine = Engine(seconds=0.01)
+        b = ForwardBatcher(engine.run, max_batch_size=8, wait_s=0.0, max_batch_cost=1)
+        await asyncio.gather(b.submit_all([1, 2, 3]), b.submit_all([11, 12, 13]))
+        return engine.batches
+
+    assert asyncio.run(main()) == [[1], [11], [2], [12], [3], [13]]
+
+
+def test_batches_stop_before_going_over_the_cost_bound() -> None:
+    async def main() -> list[list[int]]:
+        engine = Engine(seconds=0.02)
+        b = ForwardBatcher(
+            engine.run, max_batch_size=16, wait_s=0.05, cost=lambda i: 4, max_batch_cost=10
+        )
+        await asyncio.gather(*(b.submit(i) for i in range(5)))
+        return engine.batches
+
+    assert asyncio.run(main()) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_cancelled_caller_runs_no_more_parts() -> None:
+    async def main() -> list[list[int]]:
+        engine = Engine(seconds=0.03)
+        b = ForwardBatcher(engine.run, max_batch_size=8, wait_s=0.0, max_batch_cost=1)
+        big = asyncio.create_task(b.submit_all([1, 2, 3, 4]))
+        await asyncio.sleep(0.04)  # the first part done, the second running
+        big.cancel()
+        assert await b.submit(9) == 90
+        return engine.batches
+
+    assert asyncio.run(main()) == [[1], [2], [9]]
+
+
+def test_a_failed_part_fails_only_its_caller() -> None:
+    async def main() -> tuple[object, list[int], list[list[int]]]:
+        engine = Engine(seconds=0.01, fail_on=2)
+        b = ForwardBatcher(engine.run, max_batch_size=1, wait_s=0.0)
+        a, other = await asyncio.gather(
+            b.submit_all([1, 2, 3]), b.submit_all([10, 11]), return_exceptions=True
+        )
+        return a, other, engine.batches  # type: ignore[return-value]
+
+    a, other, batches = asyncio.run(main())
+    assert isinstance(a, ValueError) and other == [100, 110]
+    assert batches == [[1], [10], [2], [11]]  # part 3 of the failed caller never ran

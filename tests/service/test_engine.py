@@ -51,19 +51,19 @@ def test_info(engine: Engine) -> None:
 
 def test_startup_errors_name_the_sae(engine: Engine, tmp_path) -> None:
     """Each SAE is checked against the model when loaded; errors name its sae_id."""
-    model, cpu, f32 = engine.rt.model, torch.device("cpu"), torch.float32
+    model, cpu = engine.rt.model, torch.device("cpu")
     with pytest.raises(ValueError, match=r"saes\['x'\]"):
-        load_saes(model, {"x": tmp_path / "missing"}, device=cpu, dtype=f32)
+        load_saes(model, {"x": tmp_path / "missing"}, device=cpu)
     narrow = SAE(SAEConfig(d_in=32, d_sae=8))
     checkpoint.save_checkpoint(
         tmp_path / "n", narrow, {"model": "m", "hookpoint": "model.layers.1"}
     )
     with pytest.raises(ValueError, match=r"saes\['n'\]: d_in = 32"):
-        load_saes(model, {"n": tmp_path / "n"}, device=cpu, dtype=f32)
+        load_saes(model, {"n": tmp_path / "n"}, device=cpu)
     wide = SAE(SAEConfig(d_in=64, d_sae=8))
     checkpoint.save_checkpoint(tmp_path / "d", wide, {"model": "m", "hookpoint": "model.layers.9"})
     with pytest.raises(ValueError, match=r"saes\['d'\]: hookpoint"):
-        load_saes(model, {"d": tmp_path / "d"}, device=cpu, dtype=f32)
+        load_saes(model, {"d": tmp_path / "d"}, device=cpu)
 
 
 # ---- tokenisation --------------------------------------------------------------------------------
@@ -396,3 +396,56 @@ def test_aggregation_leaves_out_specials_sink_and_outliers() -> None:
         True,
         True,
     ]
+
+
+# ---- a bfloat16 model ----------------------------------------------------------------------------
+def test_saes_stay_float32_beside_a_bfloat16_model() -> None:
+    """The SAE encodes the bfloat16 residual cast up, exactly as a float32 SAE would; steering
+    runs (its edit cast back to bfloat16) and a clamp to the current value changes nothing."""
+    s = tiny_setup()
+    engine = Engine(
+        str(s.model_dir),
+        {"main": s.saes["main"]},
+        device="cpu",
+        dtype="bfloat16",
+        limits=TEST_LIMITS,
+    )
+    try:
+        sae = engine.rt.saes["main"].sae
+        assert engine.rt.dtype == torch.bfloat16 and sae.W_enc.dtype == torch.float32
+        prompt = t.Prompt(text=TEXT)
+        acts = engine.activations(t.ActivationsRequest([prompt], feature_ids=list(range(16))))
+        ids = torch.tensor([[tok.id for tok in acts.prompts[0].tokens]])
+        with torch.inference_mode():
+            hidden = engine.rt.model(ids, output_hidden_states=True).hidden_states[2][0]  # (T, d)
+            assert hidden.dtype == torch.bfloat16
+            want = sae.encode(hidden.float())[:, :16].numpy()
+        np.testing.assert_array_equal(acts.prompts[0].feature_values, want)
+
+        one = engine.activations(t.ActivationsRequest([t.Prompt(text="Hello")], top_k_per_token=3))
+        sparse = one.prompts[0].token_top_features[0]
+        edits = [
+            t.Intervention(f, "clamp", v, "prompt")
+            for f, v in zip(sparse.features, sparse.values, strict=True)
+        ]
+        req = t.GenerateRequest(
+            prompt=t.Prompt(text="Hello"),
+            interventions=edits,
+            sampling=t.Sampling(max_new_tokens=5),
+            include_baseline=True,
+        )
+        res = engine.generate(req)
+        assert res.baseline is not None
+        assert [x.id for x in res.steered.tokens] == [x.id for x in res.baseline.tokens]
+        loud = engine.generate(
+            t.GenerateRequest(
+                prompt=t.Prompt(text="Hello"),
+                interventions=[t.Intervention(sparse.features[0], "clamp", 500.0)],
+                sampling=t.Sampling(max_new_tokens=5),
+                include_baseline=True,
+            )
+        )
+        assert loud.baseline is not None
+        assert [x.id for x in loud.steered.tokens] != [x.id for x in loud.baseline.tokens]
+    finally:
+        engine.close()

@@ -286,15 +286,34 @@ def test_queue_limit(engine: Engine) -> None:
         (t.Sampling(max_new_tokens=65), OutOfRange, "sampling.max_new_tokens"),
         (t.Sampling(temperature=11.0), InvalidArgument, "sampling.temperature"),
         (t.Sampling(temperature=-1.0), InvalidArgument, "sampling.temperature"),
+        (t.Sampling(temperature=1e-38), InvalidArgument, "sampling.temperature"),
+        (t.Sampling(temperature=0.005), InvalidArgument, "sampling.temperature"),
         (t.Sampling(top_p=1.5), InvalidArgument, "sampling.top_p"),
         (t.Sampling(top_k=-1), InvalidArgument, "sampling.top_k"),
         (t.Sampling(stop=("ok", "")), InvalidArgument, "sampling.stop[1]"),
+        (t.Sampling(stop=("x",) * 17), OutOfRange, "sampling.stop"),
+        (t.Sampling(stop=tuple(map(str, range(100_000)))), OutOfRange, "sampling.stop"),
+        (t.Sampling(stop=("ok", "y" * 257)), OutOfRange, "sampling.stop[1]"),
     ],
 )
 def test_sampling_errors(engine: Engine, sampling: t.Sampling, error: type, field: str) -> None:
     with pytest.raises(error) as e:
         engine.validate_generate(request("Hi", sampling=sampling))
     assert getattr(e.value, "field", None) == field
+
+
+def test_sampling_limits_are_named() -> None:
+    from saescope.service.sampling import plan_sampling
+
+    limits = t.Limits()
+    with pytest.raises(InvalidArgument, match=r"must be 0 \(greedy\) or in \[0.01, 10"):
+        plan_sampling(t.Sampling(temperature=1e-38), limits, prompt_len=1, max_positions=99)
+    with pytest.raises(OutOfRange, match=r"sampling.stop: 17 stop strings exceeds .* 16"):
+        plan_sampling(t.Sampling(stop=("x",) * 17), limits, prompt_len=1, max_positions=99)
+    ok = plan_sampling(
+        t.Sampling(temperature=0.01, stop=("y" * 256,) * 16), limits, prompt_len=1, max_positions=99
+    )
+    assert ok.temperature == 0.01 and len(ok.stop) == 16
 
 
 # ---- text streaming ------------------------------------------------------------------------------
@@ -315,6 +334,23 @@ def test_multibyte_characters_are_never_split(engine: Engine) -> None:
     out, stream = pieces(engine, "日本語のテキスト and ünïcödé")
     assert "".join(out) == stream.text == "日本語のテキスト and ünïcödé"
     assert not any("\ufffd" in p for p in out) and "" in out  # some tokens hold half a char
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_held_back_is_the_longest_stop_prefix(seed: int) -> None:
+    """Against brute force: every tail length, every stop string."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(300):
+        stops = tuple("".join(rng.choices("ab c", k=rng.randint(1, 6))) for _ in range(3))
+        stream = TextStream(None, stops)
+        stream.text = "".join(rng.choices("ab c", k=rng.randint(0, 12)))
+        want = max(
+            (n for s in stops for n in range(1, len(s)) if stream.text.endswith(s[:n])),
+            default=0,
+        )
+        assert stream._held_back() == want, (stream.text, stops)
 
 
 def test_stop_prefix_is_held_back(engine: Engine) -> None:

@@ -165,6 +165,9 @@ def test_noop_clamp_through_generation_matches_baseline(engine: Engine) -> None:
         ([Edit(-1, "clamp", 1.0)], InvalidArgument, "interventions[0].feature"),
         ([Edit(1, "scale", 1.0)], InvalidArgument, "interventions[0].mode"),  # type: ignore[arg-type]
         ([Edit(1, "add", float("nan"))], InvalidArgument, "interventions[0].value"),
+        ([Edit(1, "add", float("inf"))], InvalidArgument, "interventions[0].value"),
+        ([Edit(1, "clamp", 1e38)], InvalidArgument, "interventions[0].value"),  # NaN-prone
+        ([Edit(1, "multiply", -1.5e4)], InvalidArgument, "interventions[0].value"),
         ([Edit(1, "add", 1.0, "everywhere")], InvalidArgument, "interventions[0].scope"),  # type: ignore[arg-type]
         (
             [Edit(i, "ablate") for i in range(TEST_LIMITS.max_features + 1)],

@@ -161,6 +161,7 @@ def start_serve(root: Path) -> Iterator[ServeInstance]:
     import ray
     from ray import serve
 
+    from saescope.service import wire_limits
     from saescope.service.app import build_app
 
     # Build the model and SAEs while Ray and Serve start: both take seconds.
@@ -182,6 +183,7 @@ def start_serve(root: Path) -> Iterator[ServeInstance]:
             proxy_location="HeadOnly",
             http_options={"host": "127.0.0.1", "port": http_port},
             grpc_options={"port": grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+            controller_options=wire_limits.controller_options(),  # 4 MiB messages, as served
         )
         model_dir, saes = building.result()
         args = app_args(model_dir, saes)

@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from saescope.service import wire_limits
     from saescope.service.app import build_app
     from saescope.service.config import load_app_config
 
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 "port": plan.grpc_port,
                 "grpc_servicer_functions": [SERVICER, PROXY_PATCH],
             },
+            controller_options=wire_limits.controller_options(),  # bounds gRPC message size
         )
         serve.run(app, name=APP_NAME, route_prefix=f"/{APP_NAME}")
         _print_usage(plan)

@@ -226,6 +226,10 @@ def info(m: pb.GetInfoResponse) -> r.Info:
         max_new_tokens=lim.max_new_tokens,
         max_features=lim.max_features,
         max_contrast_prompts=lim.max_contrast_prompts,
+        max_stop_strings=lim.max_stop_strings,
+        max_stop_string_chars=lim.max_stop_string_chars,
+        max_tokens_per_call=lim.max_tokens_per_call,
+        max_response_bytes=lim.max_response_bytes,
     )
     return r.Info(
         model=m.model,

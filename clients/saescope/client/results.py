@@ -92,6 +92,14 @@ class Limits(_Result):
     """Chosen features per activation call, and interventions per generation."""
     max_contrast_prompts: int
     """Prompts per side of a contrast search."""
+    max_stop_strings: int
+    """Stop strings per generation."""
+    max_stop_string_chars: int
+    """Characters of one stop string."""
+    max_tokens_per_call: int
+    """Tokens of all prompts of one activation call, or of both sides of a contrast search."""
+    max_response_bytes: int
+    """Estimated bytes of one activation response (tokens × (top_k + chosen features))."""
 
 
 @dataclass(frozen=True)

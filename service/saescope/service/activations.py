@@ -12,9 +12,16 @@ hooked tensor, and builds the per-token top features, chosen features (dense), t
 top features and the per-token error norms ‖x − x̂‖ and residual norms ‖x‖. Features are
 encoded one prompt at a time so memory stays at ``T × d_sae``. Sparse lists hold active
 (> 0) features only, strongest first.
+
+A request is planned before any forward (``ActivationsPlan``: validated, tokenised, its response
+size bounded by ``response_bytes``), then cut into ``parts`` of about ``SLICE_TOKENS`` tokens.
+The app's forward batcher runs the parts of concurrent calls in turns, so a small call waits for
+about one slice of a big call, not all of it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +32,7 @@ from saescope.service.prompts import Encoded
 from saescope.service.runtime import LoadedSae, ModelRuntime
 from saescope.service.types import (
     ActivationsRequest,
+    ActivationsResult,
     Aggregation,
     Limits,
     PromptActivations,
@@ -39,6 +47,10 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 # against it): small on a CPU, where time grows with tokens from a few on; large on a GPU, where
 # a forward of a few hundred tokens costs about as much as one token (kernel launches).
 FORWARD_COST_TOKENS = {"cpu": 16, "cuda": 2048, "mps": 512}
+# Tokens of one slice of activation or contrast work (one turn of a call; see the module
+# docstring): a few times the fixed cost of a forward, so cutting costs a few percent at most,
+# and about half a second of SmolLM2-135M on one CPU core.
+SLICE_TOKENS = {"cpu": 1024, "cuda": 8192, "mps": 2048}
 
 
 def validate_request(ls: LoadedSae, req: ActivationsRequest, limits: Limits) -> None:
@@ -55,6 +67,75 @@ def validate_request(ls: LoadedSae, req: ActivationsRequest, limits: Limits) -> 
         raise OutOfRange("feature_ids", len(req.feature_ids), limits.max_features, "features")
     for i, f in enumerate(req.feature_ids):
         ls.check_feature(f, f"feature_ids[{i}]")
+
+
+def response_bytes(encoded: list[Encoded], req: ActivationsRequest, ls: LoadedSae) -> int:
+    """An upper bound on the size of the protobuf response to ``req`` over ``encoded`` prompts.
+
+    Per token: its ``Token`` (≤ 28 bytes + its text), a sparse top-k list (≤ 12 + 9k: varint
+    ids ≤ 5 bytes, float32 values; k at most the features a token can have active), the chosen
+    features' values (4 each), two norms and a flag (9); per prompt ≤ 64 bytes of framing and
+    the aggregated top list.
+    """
+    cfg = ls.sae.cfg
+    active = cfg.k if cfg.architecture == "topk" and cfg.k else ls.d_sae  # per token, at most
+    k = min(req.top_k_per_token, active)
+    per_token = 28 + 9 + 4 * len(req.feature_ids) + (12 + 9 * k if k > 0 else 0)
+    per_prompt = 64 + 9 * min(req.top_k_aggregated, ls.d_sae)
+    text = sum(len(t.text.encode()) for e in encoded for t in e.tokens)
+    tokens = sum(len(e.ids) for e in encoded)
+    return 64 + len(req.sae_id.encode()) + len(encoded) * per_prompt + tokens * per_token + text
+
+
+@dataclass(frozen=True)
+class ActivationsPlan:
+    """A validated, tokenised activation request: what its forward passes need."""
+
+    req: ActivationsRequest
+    sae: LoadedSae
+    encoded: list[Encoded]
+
+    def parts(self, slice_tokens: int) -> list[ActivationsPart]:
+        """Its prompts in parts of at most ``slice_tokens`` padded tokens, longest first.
+
+        (A prompt longer than that is a part on its own.)
+        """
+        order = sorted(range(len(self.encoded)), key=lambda i: -len(self.encoded[i].ids))
+        parts: list[list[int]] = []
+        for i in order:
+            # Sorted longest first: a part's padded size is its first prompt's length × count.
+            part = parts[-1] if parts else None
+            if part is None or len(self.encoded[part[0]].ids) * (len(part) + 1) > slice_tokens:
+                parts.append([i])
+            else:
+                part.append(i)
+        return [ActivationsPart(self, tuple(p)) for p in parts]
+
+    def whole(self) -> ActivationsPart:
+        """Every prompt in one part."""
+        return ActivationsPart(self, tuple(range(len(self.encoded))))
+
+    def result(
+        self, parts: list[ActivationsPart], outs: list[list[PromptActivations]]
+    ) -> ActivationsResult:
+        """The response, from each part's results (in ``parts`` order)."""
+        by_index: dict[int, PromptActivations] = {}
+        for part, out in zip(parts, outs, strict=True):
+            by_index.update(zip(part.indices, out, strict=True))
+        prompts = [by_index[i] for i in range(len(self.encoded))]  # each in exactly one part
+        return ActivationsResult(sae_id=self.sae.sae_id, prompts=prompts)
+
+
+@dataclass(frozen=True)
+class ActivationsPart:
+    """Some prompts of one planned request (``indices`` into its ``encoded``)."""
+
+    plan: ActivationsPlan
+    indices: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(self.plan.encoded[i].ids) for i in self.indices)
 
 
 # ---- the forward pass ----------------------------------------------------------------------------

@@ -7,6 +7,12 @@ and tokenisation), ``activations`` (forward + encode), ``contrast`` (statistics)
 ``DecodeBatcher``). Model forwards take the runtime's FIFO lock; everything runs under
 ``torch.inference_mode()``.
 
+Cheap checks come before costly work: field values, then prompt sizes in characters, then
+tokens (per prompt and per call), then the response's size, and only then a forward pass.
+Activation calls are planned (``plan_activations``) and run in parts (``run_activation_parts``)
+of about ``slice_tokens`` tokens, which the app's forward batcher interleaves across calls;
+contrast search takes the FIFO lock per slice, so other work runs between its slices.
+
 Generation from asyncio (what the app does; ``generate``/``generate_stream`` are the blocking
 forms of the same path)::
 
@@ -30,7 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from saescope.service import activations, contrast, features, prompts
-from saescope.service.errors import SaescopeError
+from saescope.service.activations import ActivationsPart, ActivationsPlan
+from saescope.service.errors import OutOfRange, SaescopeError
 from saescope.service.generation import DecodeBatcher, GenerationPlan
 from saescope.service.runtime import DTYPES, EngineObserver, ModelRuntime, NoObserver, load_saes
 from saescope.service.sampling import plan_sampling
@@ -49,6 +56,7 @@ from saescope.service.types import (
     Info,
     Limits,
     Prompt,
+    PromptActivations,
     TokenEvent,
     Tokenized,
 )
@@ -78,6 +86,7 @@ class Engine:
         max_batch_rows: int = 32,
         max_pending_generations: int = 256,
         max_batch_tokens: int = activations.DEFAULT_MAX_BATCH_TOKENS,
+        slice_tokens: int | None = None,
         observer: EngineObserver | None = None,
         metrics_sync_timing: bool = False,
     ) -> None:
@@ -90,7 +99,7 @@ class Engine:
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
         )
         device_ = next(lm.parameters()).device
-        loaded = load_saes(lm, saes, device=device_, dtype=DTYPES[dtype])
+        loaded = load_saes(lm, saes, device=device_)
         if default_sae_id is None:
             default_sae_id = next(iter(loaded), "")
         elif default_sae_id not in loaded:
@@ -107,7 +116,14 @@ class Engine:
             sync_timing=metrics_sync_timing,
         )
         self.limits = limits
+        self.prompt_limits = prompts.PromptLimits.of(
+            tokenizer, limits.max_tokens_per_prompt, limits.max_tokens_per_call
+        )
         self.max_batch_tokens = max_batch_tokens
+        if slice_tokens is not None and slice_tokens < 1:
+            raise ValueError(f"slice_tokens: must be ≥ 1, got {slice_tokens}")
+        slices = activations.SLICE_TOKENS
+        self.slice_tokens = slice_tokens or slices.get(device_.type, slices["cuda"])
         self.batcher = DecodeBatcher(
             self.rt, max_rows=max_batch_rows, max_pending=max_pending_generations
         )
@@ -134,10 +150,7 @@ class Engine:
         )
 
     def tokenize(self, prompt: Prompt) -> Tokenized:
-        enc = prompts.encode(
-            self.rt, prompt, "prompt", max_tokens=self.limits.max_tokens_per_prompt
-        )
-        return enc.tokenized
+        return prompts.encode(self.rt, prompt, "prompt", self.prompt_limits).tokenized
 
     # ---- GetFeatureActivations -------------------------------------------------------------------
     def activations(self, req: ActivationsRequest) -> ActivationsResult:
@@ -149,65 +162,90 @@ class Engine:
     def activations_many(
         self, reqs: list[ActivationsRequest]
     ) -> list[ActivationsResult | SaescopeError]:
-        """Many requests, one batch of padded forwards over all their prompts (a forward batch).
-
-        The app's ``batching.ForwardBatcher`` hands it the activation calls that queued together.
+        """Many requests, one batch of padded forwards over all their prompts.
 
         A request's mistake comes back in its place as the error; the others still run.
         """
-        out: list[ActivationsResult | SaescopeError] = []
-        jobs = []  # (request index, sae, encoded prompts)
-        for i, req in enumerate(reqs):
+        plans: list[ActivationsPlan | SaescopeError] = []
+        for req in reqs:
             try:
-                ls = self.rt.get_sae(req.sae_id)
-                activations.validate_request(ls, req, self.limits)
-                encoded = prompts.encode_many(
-                    self.rt,
-                    req.prompts,
-                    "prompts",
-                    max_prompts=self.limits.max_prompts,
-                    max_tokens=self.limits.max_tokens_per_prompt,
-                )
+                plans.append(self.plan_activations(req))
             except SaescopeError as e:
-                out.append(e)
-                continue
-            out.append(ActivationsResult(sae_id=ls.sae_id, prompts=[]))  # filled in below
-            jobs.append((i, ls, encoded))
-        flat = [enc for _, _, encoded in jobs for enc in encoded]
-        hookpoints = sorted({ls.hookpoint for _, ls, _ in jobs})
-        residuals = activations.forward_residuals(
-            self.rt, [e.ids for e in flat], hookpoints, max_batch_tokens=self.max_batch_tokens
+                plans.append(e)
+        parts = [p.whole() for p in plans if isinstance(p, ActivationsPlan)]
+        outs = iter(self.run_activation_parts(parts))
+        return [
+            p if isinstance(p, SaescopeError) else p.result([p.whole()], [next(outs)])
+            for p in plans
+        ]
+
+    def plan_activations(self, req: ActivationsRequest) -> ActivationsPlan:
+        """Validate and tokenise ``req``, and bound its response's size; no forward yet."""
+        ls = self.rt.get_sae(req.sae_id)
+        activations.validate_request(ls, req, self.limits)
+        encoded = prompts.encode_many(
+            self.rt, req.prompts, "prompts", self.prompt_limits, max_prompts=self.limits.max_prompts
         )
-        k = 0
-        for i, ls, encoded in jobs:
-            timed = self.rt.timed(ls)  # its encodes reach the observer
-            out[i] = ActivationsResult(
-                sae_id=ls.sae_id,
-                prompts=[
-                    activations.prompt_activations(
-                        timed, residuals[k + j][ls.hookpoint], enc, reqs[i]
-                    )
-                    for j, enc in enumerate(encoded)
-                ],
+        size = activations.response_bytes(encoded, req, ls)
+        if size > self.limits.max_response_bytes:
+            tokens = sum(len(e.ids) for e in encoded)
+            raise OutOfRange(
+                "prompts",
+                size,
+                self.limits.max_response_bytes,
+                f"bytes of response ({tokens} tokens × top_k_per_token {req.top_k_per_token} "
+                f"and {len(req.feature_ids)} feature_ids)",
             )
-            k += len(encoded)
+        return ActivationsPlan(req, ls, encoded)
+
+    def run_activation_parts(self, parts: list[ActivationsPart]) -> list[list[PromptActivations]]:
+        """Per part, its prompts' activations: one batch of padded forwards over all of them.
+
+        The app's ``batching.ForwardBatcher`` hands it the parts of calls that queued together.
+        """
+        flat = [(part, i) for part in parts for i in part.indices]
+        hookpoints = sorted({part.plan.sae.hookpoint for part in parts})
+        residuals = activations.forward_residuals(
+            self.rt,
+            [part.plan.encoded[i].ids for part, i in flat],
+            hookpoints,
+            max_batch_tokens=self.max_batch_tokens,
+        )
+        out: list[list[PromptActivations]] = []
+        k = 0
+        for part in parts:
+            plan = part.plan
+            timed = self.rt.timed(plan.sae)  # its encodes reach the observer
+            out.append(
+                [
+                    activations.prompt_activations(
+                        timed, residuals[k + j][plan.sae.hookpoint], plan.encoded[i], plan.req
+                    )
+                    for j, i in enumerate(part.indices)
+                ]
+            )
+            k += len(part.indices)
         return out
 
     # ---- SearchFeaturesByContrast ----------------------------------------------------------------
     def contrast(self, req: ContrastRequest) -> ContrastResult:
         ls = self.rt.get_sae(req.sae_id)
         top_n, per_hit = contrast.validate_request(req, self.limits)
-        max_tokens = self.limits.max_tokens_per_prompt
-        encoded = [
-            prompts.encode(self.rt, p, f"{name}[{i}]", max_tokens=max_tokens)
-            for name, side in (("positive", req.positive), ("negative", req.negative))
-            for i, p in enumerate(side)
-        ]
+        most = self.limits.max_contrast_prompts
+        positive = prompts.encode_many(
+            self.rt, req.positive, "positive", self.prompt_limits, max_prompts=most
+        )
+        spent = sum(len(e.ids) for e in positive)
+        negative = prompts.encode_many(
+            self.rt, req.negative, "negative", self.prompt_limits, max_prompts=most, spent=spent
+        )
+        encoded = positive + negative
+        # One slice per forward: each takes the FIFO lock, so other calls run in between.
         residuals = activations.forward_residuals(
             self.rt,
             [e.ids for e in encoded],
             [ls.hookpoint],
-            max_batch_tokens=self.max_batch_tokens,
+            max_batch_tokens=min(self.max_batch_tokens, self.slice_tokens),
         )
         resid = [r[ls.hookpoint] for r in residuals]
         timed = self.rt.timed(ls)  # its encodes reach the observer
@@ -223,10 +261,8 @@ class Engine:
     def plan_generation(self, req: GenerateRequest) -> GenerationPlan:
         """Validate ``req`` completely and resolve it into what the batcher runs."""
         ls = self.rt.get_sae(req.sae_id)
-        enc = prompts.encode(
-            self.rt, req.prompt, "prompt", max_tokens=self.limits.max_tokens_per_prompt
-        )
         validate_interventions(ls, list(req.interventions), self.limits)
+        enc = prompts.encode(self.rt, req.prompt, "prompt", self.prompt_limits)
         sampling = plan_sampling(
             req.sampling,
             self.limits,

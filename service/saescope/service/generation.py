@@ -11,8 +11,17 @@ place in a shared KV cache. A step is:
 2. **decode**: ONE forward over all active rows with their last tokens (explicit position ids,
    the mask, the shared cache: ``kvcache.BatchCache``) and a steering hook per SAE that applies
    each row's own edits (``steering.apply_edits``, vectorised over rows);
-3. **sample and emit** each row's next token, then drop finished and cancelled rows from the
-   batch and the cache.
+3. **sample and emit** each row's next token, then drop finished, failed and cancelled rows
+   from the batch and the cache.
+
+One request's trouble stays its own. A row whose logits are not finite (NaN or inf: an
+intervention too strong for the model) fails its request with INVALID_ARGUMENT when the row
+has edits, INTERNAL when it has none; a row whose sampling or text handling raises fails its
+request with INTERNAL. Either way the request's rows leave the batch and the cache at once and
+the other rows go on, exactly as they would have: every row's logits, edits, random generator
+and text are its own. A prefill forward that raises fails the requests it was prefilling (the
+running batch's cache is untouched). Only a failed decode forward — the one computation all rows
+share, which can leave the shared cache half-updated — fails every active request.
 
 Use it from threads or asyncio: ``submit(plan) -> GenerationHandle`` is thread-safe and a daemon
 thread runs the steps (``start()``; ``Engine`` starts it on first use). Tests may instead call
@@ -43,7 +52,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from saescope.service.errors import ResourceExhausted, SaescopeError
+from saescope.service.errors import InvalidArgument, ResourceExhausted, SaescopeError
 from saescope.service.kvcache import BatchCache, check_cache_support
 from saescope.service.prompts import Encoded
 from saescope.service.runtime import LoadedSae, ModelRuntime
@@ -82,6 +91,7 @@ class _Request:
         self.handle = handle
         self.rows: list[_Row] = []
         self.submitted = time.perf_counter()
+        self.failed = False  # ended with an error; its rows leave at the next eviction
 
 
 class _Row:
@@ -102,7 +112,7 @@ class _Row:
 
     @property
     def live(self) -> bool:
-        return self.finish is None and not self.req.handle.cancelled
+        return self.finish is None and not self.req.failed and not self.req.handle.cancelled
 
     def completion(self) -> Completion:
         assert self.finish is not None
@@ -286,9 +296,14 @@ class DecodeBatcher:
         for length, rows in by_len.items():
             ids = torch.tensor([r.req.plan.prompt.ids for r in rows], device=self.rt.device)
             cache = DynamicCache(config=self.rt.model.config)
-            logits, trace = self._forward(
-                rows, generated=False, input_ids=ids, past_key_values=cache, logits_to_keep=1
-            )
+            try:
+                logits, trace = self._forward(
+                    rows, generated=False, input_ids=ids, past_key_values=cache, logits_to_keep=1
+                )
+            except Exception as e:  # out of memory, say: only these newcomers fail
+                for r in rows:
+                    self._fail(r.req, _internal("prefill", e))
+                continue
             self._advance(rows, logits, trace)
             self._rows = self._rows + rows
             self._kv.append(cache, len(rows), length)
@@ -326,7 +341,7 @@ class DecodeBatcher:
         groups = [
             (
                 self.rt.timed(self.rt.saes[sae_id]),  # its encodes reach the observer
-                EditBatch.build(members, self.rt.device, self.rt.dtype),
+                EditBatch.build(members, self.rt.device, self.rt.saes[sae_id].sae.W_dec.dtype),
             )
             for sae_id, members in by_sae.items()
         ]
@@ -339,23 +354,39 @@ class DecodeBatcher:
         return out.logits[:, -1], trace
 
     def _advance(self, rows: list[_Row], logits: Tensor, trace: StepTrace) -> None:
-        """Record traces, choose each live row's next token and emit it."""
+        """Record traces, choose each live row's next token and emit it; a row fails alone."""
+        finite = _finite_rows(logits)  # (B,)
         greedy = logits.argmax(dim=-1).tolist()  # (B,): one device sync for every greedy row
-        chosen = [
-            g if r.req.plan.sampling.greedy else choose(logits[i], r.req.plan.sampling, r.generator)
-            for i, (r, g) in enumerate(zip(rows, greedy, strict=True))
-        ]
+        chosen: list[int | None] = []
+        for i, (r, g) in enumerate(zip(rows, greedy, strict=True)):
+            chosen.append(None)
+            if not r.live:
+                continue
+            if not finite[i]:
+                self._fail(r.req, _non_finite(r))
+                continue
+            sampling = r.req.plan.sampling
+            try:
+                chosen[i] = g if sampling.greedy else choose(logits[i], sampling, r.generator)
+            except Exception as e:  # a bug: this request fails, the batch goes on
+                self._fail(r.req, _internal("sampling", e))
         logprobs: list[float] = []
-        if any(r.req.plan.include_logprobs for r in rows):
-            index = torch.tensor(chosen, device=logits.device)[:, None]
+        wants = (r.req.plan.include_logprobs for r in rows)
+        if any(w and c is not None for w, c in zip(wants, chosen, strict=True)):
+            index = torch.tensor([c or 0 for c in chosen], device=logits.device)[:, None]
             logprobs = logits.float().log_softmax(-1).gather(1, index)[:, 0].tolist()
         for i, r in enumerate(rows):
             if i in trace.rows:
                 before, after = trace.rows[i]
                 r.before += before.tolist()
                 r.after += after.tolist()
-            if r.live:
-                self._emit(r, chosen[i], logprobs[i] if logprobs else None)
+            token = chosen[i]
+            if token is None or not r.live:  # a branch of the same request may have failed
+                continue
+            try:
+                self._emit(r, token, logprobs[i] if logprobs else None)
+            except Exception as e:  # decoding text, say: this request fails, the batch goes on
+                self._fail(r.req, _internal("text", e))
 
     def _emit(self, r: _Row, token_id: int, logprob: float | None) -> None:
         plan, rt = r.req.plan, self.rt
@@ -383,6 +414,14 @@ class DecodeBatcher:
         if r.finish is not None and all(row.finish is not None for row in r.req.rows):
             self._complete(r.req)
 
+    def _fail(self, req: _Request, error: SaescopeError) -> None:
+        """End ``req`` with ``error``; its rows leave the batch and the cache at the next evict."""
+        if req.failed:
+            return
+        req.failed = True
+        req.handle.put(error)
+        self._forget(req.handle.request_id)
+
     def _complete(self, req: _Request) -> None:
         rows = {r.branch: r for r in req.rows}
         baseline = rows.get("baseline")
@@ -397,8 +436,33 @@ class DecodeBatcher:
         self._forget(req.handle.request_id)
 
     def _evict(self) -> None:
-        """Drop finished and cancelled rows from the batch and the cache."""
+        """Drop finished, failed and cancelled rows from the batch and the cache."""
         keep = [i for i, r in enumerate(self._rows) if r.live]
         if len(keep) < len(self._rows):
             self._rows = [self._rows[i] for i in keep]
             self._kv.select(keep)
+
+
+def _finite_rows(logits: Tensor) -> list[bool]:
+    """Per row of ``logits`` (B, V): no NaN, no +inf, and not every entry −inf."""
+    bad = (logits.isnan() | logits.isposinf()).any(dim=-1) | logits.isneginf().all(dim=-1)
+    return (~bad).tolist()
+
+
+def _non_finite(r: _Row) -> SaescopeError:
+    """The error of a row whose logits are not finite: the request's edits, if it has any."""
+    at = f"generated token {len(r.ids)}" if r.ids else "the prompt"
+    if r.edits.edits:
+        return InvalidArgument(
+            "interventions",
+            f"the {r.branch} model's logits became NaN or infinite at {at}: the edits are "
+            "too strong for this model; use smaller values",
+        )
+    log.error("non-finite logits without edits (%s branch, %s)", r.branch, at)
+    return SaescopeError(f"generation failed: the model's logits became NaN or infinite at {at}")
+
+
+def _internal(stage: str, e: Exception) -> SaescopeError:
+    """A request's own failure that is nobody's mistake: logged, reported as INTERNAL."""
+    log.error("generation failed in %s", stage, exc_info=e)
+    return SaescopeError(f"generation failed ({type(e).__name__})")

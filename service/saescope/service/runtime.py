@@ -93,7 +93,8 @@ class NoObserver:
 
 @dataclass
 class LoadedSae:
-    """An SAE ready to serve: on the model's device and dtype, with its metadata."""
+    """An SAE ready to serve: on the model's device, in float32 (see ``load_saes``), with its
+    metadata."""
 
     sae_id: str
     sae: SAE
@@ -270,16 +271,22 @@ class _TimedSae:
 
 
 def load_saes(
-    model: Any, paths: dict[str, str | Path], *, device: torch.device, dtype: torch.dtype
+    model: Any, paths: dict[str, str | Path], *, device: torch.device
 ) -> dict[str, LoadedSae]:
-    """Load every SAE checkpoint, checking it fits the model; errors name the sae_id."""
+    """Load every SAE checkpoint, checking it fits the model; errors name the sae_id.
+
+    SAEs stay in float32 whatever the model's dtype: cast to bfloat16 their features differ from
+    float32's by ~1% of their norm, and at a threshold active features flip, so a clamp meant
+    for a feature reads a different value (``bench/sae_dtype.py`` measures it). The encoder
+    casts a bfloat16 residual up; steering casts its edit back down to the residual's dtype.
+    """
     d_model = int(model.config.hidden_size)
     out: dict[str, LoadedSae] = {}
     for sae_id, path in paths.items():
         if not sae_id:
             raise ValueError("saes: an sae_id must not be empty")
         try:
-            sae, meta = checkpoint.load_sae(Path(path), device=device, dtype=dtype)
+            sae, meta = checkpoint.load_sae(Path(path), device=device, dtype=torch.float32)
         except checkpoint.CheckpointError as e:
             raise ValueError(f"saes[{sae_id!r}]: {e}") from e
         if sae.cfg.d_in != d_model:

@@ -1,9 +1,17 @@
 """Choosing the next token, and turning chosen tokens into streamed text with stop strings.
 
-Sampling: greedy (argmax) when ``temperature == 0``; otherwise logits / temperature, then top-k,
-then nucleus (top-p) filtering, then one draw from the request's own ``torch.Generator``. The
-steered and baseline branches of a request each hold a generator seeded with the same seed (a
-random one when unset), so they draw the same random numbers step for step.
+Sampling: greedy (argmax) when ``temperature == 0``; otherwise (logits − max) / temperature,
+then top-k, then nucleus (top-p) filtering, then one draw from the request's own
+``torch.Generator``. The steered and baseline branches of a request each hold a generator seeded
+with the same seed (a random one when unset), so they draw the same random numbers step for step.
+Subtracting the maximum first keeps every finite row finite whatever the temperature (the top
+token scores 0, the rest ≤ 0, at worst −inf), so a draw never sees NaN. Non-finite logits are
+the decode batcher's to catch (``generation``), before a row is sampled.
+
+Temperatures in (0, ``MIN_TEMPERATURE``) are refused: at T = 0.01 a token whose logit is 1.04
+below the best one already has probability exp(−104) < 2⁻¹⁴⁹, below float32's smallest
+subnormal, so it is never drawn; lower temperatures only draw among near-ties, which is greedy
+decoding up to rounding (vLLM draws the same line). Send 0 for greedy.
 
 Log-probabilities are ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p): the
 model's own belief in the token, comparable between branches and across sampling settings.
@@ -11,7 +19,9 @@ model's own belief in the token, comparable between branches and across sampling
 Text: the completion is decoded in full after every token (``skip_special_tokens``: EOS and
 template markers are in ``tokens`` but not in ``text``). A trailing U+FFFD (a multi-byte
 character split across tokens) is held back until it completes, and so is any tail that could be
-the start of a stop string; the last token's event carries whatever was held back.
+the start of a stop string; the last token's event carries whatever was held back. The count and
+length of stop strings are limits (``Limits.max_stop_strings``, ``max_stop_string_chars``):
+searching for them is work on the decode thread, which every row of the batch waits for.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from torch import Tensor
 from saescope.service.errors import InvalidArgument, OutOfRange
 from saescope.service.types import Limits, Sampling
 
+MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 10.0
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -60,8 +71,12 @@ def plan_sampling(
         raise OutOfRange(
             "sampling.max_new_tokens", n, max_positions - prompt_len, "(prompt + new tokens)"
         )
-    if not (math.isfinite(s.temperature) and 0.0 <= s.temperature <= MAX_TEMPERATURE):
-        raise InvalidArgument("sampling.temperature", f"must be in [0, {MAX_TEMPERATURE}]")
+    t = s.temperature
+    if not (math.isfinite(t) and (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+        raise InvalidArgument(
+            "sampling.temperature",
+            f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t:g}",
+        )
     top_p = s.top_p or 1.0
     if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
         raise InvalidArgument("sampling.top_p", "must be in (0, 1]")
@@ -69,11 +84,7 @@ def plan_sampling(
         raise InvalidArgument("sampling.top_k", f"must be ≥ 0, got {s.top_k}")
     if s.seed is not None and not 0 <= s.seed < 2**64:
         raise InvalidArgument("sampling.seed", "must be an unsigned 64-bit integer")
-    if isinstance(s.stop, str):
-        raise InvalidArgument("sampling.stop", "must be a list of strings, not one string")
-    for i, stop in enumerate(s.stop):
-        if not isinstance(stop, str) or not stop:
-            raise InvalidArgument(f"sampling.stop[{i}]", "must be a non-empty string")
+    _check_stop(s.stop, limits)
     return SamplingPlan(
         max_new_tokens=n,
         temperature=float(s.temperature),
@@ -84,6 +95,21 @@ def plan_sampling(
     )
 
 
+def _check_stop(stop: tuple[str, ...], limits: Limits) -> None:
+    """Stop strings: a list (count first: it is O(1)), each non-empty and not too long."""
+    if isinstance(stop, str):
+        raise InvalidArgument("sampling.stop", "must be a list of strings, not one string")
+    if len(stop) > limits.max_stop_strings:
+        raise OutOfRange("sampling.stop", len(stop), limits.max_stop_strings, "stop strings")
+    for i, one in enumerate(stop):
+        if not isinstance(one, str) or not one:
+            raise InvalidArgument(f"sampling.stop[{i}]", "must be a non-empty string")
+        if len(one) > limits.max_stop_string_chars:
+            raise OutOfRange(
+                f"sampling.stop[{i}]", len(one), limits.max_stop_string_chars, "characters"
+            )
+
+
 def make_generator(plan: SamplingPlan, device: torch.device) -> torch.Generator | None:
     """A generator seeded with the plan's seed (None for greedy: nothing is drawn)."""
     if plan.greedy:
@@ -92,10 +118,11 @@ def make_generator(plan: SamplingPlan, device: torch.device) -> torch.Generator 
 
 
 def choose(logits: Tensor, plan: SamplingPlan, generator: torch.Generator | None) -> int:
-    """The next token from one row's logits ``(V,)``."""
+    """The next token from one row's finite logits ``(V,)``."""
     if plan.greedy:
         return int(logits.argmax())
-    scores = logits.float() / plan.temperature  # (V,)
+    scores = logits.float()  # (V,)
+    scores = (scores - scores.max()) / plan.temperature  # ≤ 0, the best token 0: never NaN
     if 0 < plan.top_k < scores.shape[-1]:
         kth = scores.topk(plan.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -150,10 +177,13 @@ class TextStream:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        best = 0
+        best, text = 0, self.text
         for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
-                    best = n
+            # Candidate tails start where the stop's first character occurs, longest first.
+            i = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
+            while i >= 0 and len(text) - i > best:
+                if stop.startswith(text[i:]):
+                    best = len(text) - i
                     break
+                i = text.find(stop[0], i + 1)
         return best

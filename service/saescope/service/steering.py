@@ -36,6 +36,11 @@ from saescope.training.sae import SAE
 
 MODES = ("clamp", "add", "multiply", "ablate")
 SCOPES = ("all", "prompt", "generated")
+# Largest |value| of an intervention. Feature values are in model units, and residual norms of
+# language models are O(1–1000): 1e4 is far past any useful steering, and keeps the edit finite
+# in float16 (max 65504). Edits inside the bound can still blow a model up (NaN logits); the
+# decode batcher fails that request alone (``generation``).
+MAX_INTERVENTION_VALUE = 1e4
 
 
 def validate_interventions(
@@ -52,8 +57,11 @@ def validate_interventions(
             raise InvalidArgument(f"{where}.mode", f"must be one of {MODES}, got {iv.mode!r}")
         if iv.scope not in SCOPES:
             raise InvalidArgument(f"{where}.scope", f"must be one of {SCOPES}, got {iv.scope!r}")
-        if not math.isfinite(iv.value):
-            raise InvalidArgument(f"{where}.value", "must be finite")
+        if not (math.isfinite(iv.value) and abs(iv.value) <= MAX_INTERVENTION_VALUE):
+            raise InvalidArgument(
+                f"{where}.value",
+                f"must be finite with |value| ≤ {MAX_INTERVENTION_VALUE:g}, got {iv.value:g}",
+            )
         for j, scope in seen.get(iv.feature, []):
             if "all" in (scope, iv.scope) or scope == iv.scope:
                 raise InvalidArgument(
@@ -157,7 +165,8 @@ def apply_edits(
     # At most one edit per feature applies in a phase (validated), so scatter_add just places it.
     delta_u = torch.zeros_like(f_u).scatter_add_(-1, target, delta_m)  # (b, T, U)
     w_dec = sae.W_dec[eb.feats]  # (b, U, d_in)
-    h_new = h + torch.einsum("btu,bud->btd", delta_u, w_dec)
+    # The SAE computes in its own dtype (float32); the edit joins the residual in the model's.
+    h_new = h + torch.einsum("btu,bud->btd", delta_u, w_dec).to(h.dtype)
     return h_new, f_u, f_u + delta_u
 
 

@@ -60,12 +60,18 @@ class Sparse:
 # ---- info ---------------------------------------
 @dataclass(frozen=True)
 class Limits:
+    """Per-call limits (``config.LimitsConfig`` documents each); over them: OUT_OF_RANGE."""
+
     max_prompts: int = 64
     max_tokens_per_prompt: int = 1024
     max_top_k: int = 256
     max_new_tokens: int = 512
     max_features: int = 64
     max_contrast_prompts: int = 256
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_tokens_per_call: int = 16384
+    max_response_bytes: int = 3 * 2**20
 
 
 @dataclass(frozen=True)

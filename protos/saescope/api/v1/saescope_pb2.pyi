@@ -14,8 +14,9 @@ Conventions
 - `sae_id` names a loaded SAE (see GetInfo); empty means the service's default SAE.
 - Errors use gRPC status codes: INVALID_ARGUMENT (the details name the field), NOT_FOUND
   (unknown sae_id or feature), OUT_OF_RANGE (a configured limit; the details name it),
-  RESOURCE_EXHAUSTED (queues full), DEADLINE_EXCEEDED, UNAUTHENTICATED (a key is required:
-  send it as metadata `x-api-key: KEY` or `authorization: Bearer KEY`).
+  RESOURCE_EXHAUSTED (queues full, or a message over 4 MiB), DEADLINE_EXCEEDED,
+  UNAUTHENTICATED (a key is required: send it as metadata `x-api-key: KEY` or
+  `authorization: Bearer KEY`).
 - Through Ray Serve's gRPC proxy, send metadata `application: saescope` when several Serve
   applications share the proxy.
 """
@@ -357,14 +358,33 @@ class Limits(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_FEATURES_FIELD_NUMBER: _builtins.int
     MAX_CONTRAST_PROMPTS_FIELD_NUMBER: _builtins.int
+    MAX_STOP_STRINGS_FIELD_NUMBER: _builtins.int
+    MAX_STOP_STRING_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_CALL_FIELD_NUMBER: _builtins.int
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _builtins.int
     max_prompts: _builtins.int
     max_tokens_per_prompt: _builtins.int
+    """Tokens of one rendered prompt. A prompt whose text has more characters than this many
+    tokens could cover (× the tokenizer's longest token) is refused before it is tokenised.
+    """
     max_top_k: _builtins.int
     max_new_tokens: _builtins.int
     max_features: _builtins.int
     """Chosen features per activation call, and interventions per generation."""
     max_contrast_prompts: _builtins.int
     """Prompts per side of a contrast search."""
+    max_stop_strings: _builtins.int
+    """Stop strings per generation, and characters of each."""
+    max_stop_string_chars: _builtins.int
+    max_tokens_per_call: _builtins.int
+    """Tokens of all prompts of one GetFeatureActivations call, or of both sides of a contrast
+    search.
+    """
+    max_response_bytes: _builtins.int
+    """Estimated bytes of one GetFeatureActivations response (it grows with tokens ×
+    (top_k_per_token + len(feature_ids))), checked before any work. Requests and responses
+    over 4 MiB are refused by the transport (RESOURCE_EXHAUSTED).
+    """
     def __init__(
         self,
         *,
@@ -374,10 +394,14 @@ class Limits(_message.Message):
         max_new_tokens: _builtins.int = ...,
         max_features: _builtins.int = ...,
         max_contrast_prompts: _builtins.int = ...,
+        max_stop_strings: _builtins.int = ...,
+        max_stop_string_chars: _builtins.int = ...,
+        max_tokens_per_call: _builtins.int = ...,
+        max_response_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_contrast_prompts", b"max_contrast_prompts", "max_features", b"max_features", "max_new_tokens", b"max_new_tokens", "max_prompts", b"max_prompts", "max_tokens_per_prompt", b"max_tokens_per_prompt", "max_top_k", b"max_top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_contrast_prompts", b"max_contrast_prompts", "max_features", b"max_features", "max_new_tokens", b"max_new_tokens", "max_prompts", b"max_prompts", "max_response_bytes", b"max_response_bytes", "max_stop_string_chars", b"max_stop_string_chars", "max_stop_strings", b"max_stop_strings", "max_tokens_per_call", b"max_tokens_per_call", "max_tokens_per_prompt", b"max_tokens_per_prompt", "max_top_k", b"max_top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -687,6 +711,7 @@ class Intervention(_message.Message):
     feature: _builtins.int
     mode: Global___Intervention.Mode.ValueType
     value: _builtins.float
+    """Finite, |value| ≤ 10000 (feature values are in model units)."""
     scope: Global___Intervention.Scope.ValueType
     def __init__(
         self,
@@ -717,7 +742,9 @@ class SamplingParams(_message.Message):
     max_new_tokens: _builtins.int
     """Tokens to generate (1 ≤ n ≤ Limits.max_new_tokens). 0 means 32."""
     temperature: _builtins.float
-    """0: greedy. Otherwise softmax temperature (≤ 10)."""
+    """0: greedy. Otherwise softmax temperature in [0.01, 10] (below 0.01 sampling is greedy
+    up to float rounding: send 0).
+    """
     top_p: _builtins.float
     """Nucleus sampling mass in (0, 1]; 0 means 1 (off)."""
     top_k: _builtins.int
@@ -726,7 +753,9 @@ class SamplingParams(_message.Message):
     """Seed for sampling; the baseline uses the same seed. Unset: random."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Stop when the completion ends with any of these strings (not included in the text)."""
+        """Stop when the completion ends with any of these strings (not included in the text). At most
+        Limits.max_stop_strings, each of 1 to Limits.max_stop_string_chars characters.
+        """
 
     def __init__(
         self,

@@ -14,8 +14,9 @@ Conventions
 - `sae_id` names a loaded SAE (see GetInfo); empty means the service's default SAE.
 - Errors use gRPC status codes: INVALID_ARGUMENT (the details name the field), NOT_FOUND
   (unknown sae_id or feature), OUT_OF_RANGE (a configured limit; the details name it),
-  RESOURCE_EXHAUSTED (queues full), DEADLINE_EXCEEDED, UNAUTHENTICATED (a key is required:
-  send it as metadata `x-api-key: KEY` or `authorization: Bearer KEY`).
+  RESOURCE_EXHAUSTED (queues full, or a message over 4 MiB), DEADLINE_EXCEEDED,
+  UNAUTHENTICATED (a key is required: send it as metadata `x-api-key: KEY` or
+  `authorization: Bearer KEY`).
 - Through Ray Serve's gRPC proxy, send metadata `application: saescope` when several Serve
   applications share the proxy.
 """

@@ -29,6 +29,7 @@ ORDER = (
     "serve_memory",
     "train_speed",
     "train_quality",
+    "sae_dtype",
 )
 Result = dict[str, Any]
 

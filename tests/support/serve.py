@@ -168,6 +168,10 @@ def start_serve(root: Path) -> Iterator[ServeInstance]:
     building = ThreadPoolExecutor(1).submit(build_artifacts, root)
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", TEST_API_KEY_ENV: TEST_API_KEY}
+    # Serve's controller gives a starting proxy 3 × 5 s to report ready, then kills it; on a
+    # loaded 2-core machine its start (imports, the proxy patch) can take longer. The local
+    # cluster's processes inherit this process's environment.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     ray.init(
         address="local",
         num_cpus=8,

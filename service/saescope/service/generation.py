@@ -53,7 +53,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from saescope.service.errors import InvalidArgument, ResourceExhausted, SaescopeError
-from saescope.service.kvcache import BatchCache, check_cache_support
+from saescope.service.kvcache import BatchCache, cache_kwarg, check_cache_support
 from saescope.service.prompts import Encoded
 from saescope.service.runtime import LoadedSae, ModelRuntime
 from saescope.service.sampling import SamplingPlan, TextStream, choose, make_generator
@@ -148,6 +148,7 @@ class DecodeBatcher:
         prefill_tokens: int = 4096,
     ) -> None:
         check_cache_support(rt.model)
+        self._cache = cache_kwarg(rt.model)  # the forward's name for the KV cache
         if max_rows < 1:
             raise ValueError(f"max_rows: must be ≥ 1, got {max_rows}")
         self.rt = rt
@@ -298,7 +299,7 @@ class DecodeBatcher:
             cache = DynamicCache(config=self.rt.model.config)
             try:
                 logits, trace = self._forward(
-                    rows, generated=False, input_ids=ids, past_key_values=cache, logits_to_keep=1
+                    rows, generated=False, input_ids=ids, logits_to_keep=1, **{self._cache: cache}
                 )
             except Exception as e:  # out of memory, say: only these newcomers fail
                 for r in rows:
@@ -320,7 +321,7 @@ class DecodeBatcher:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._kv.cache,
+            **{self._cache: self._kv.cache},
         )
         self._kv.mask = mask
         for r in rows:

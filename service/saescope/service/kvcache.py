@@ -13,12 +13,21 @@ refuses others (sliding-window, linear-attention, quantised) when the engine sta
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name the model's ``forward`` takes its KV cache by: ``cache`` in transformers 5.2x
+    and later (``past_key_values`` is deprecated there, and gone from 5.40), else
+    ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class BatchCache:

@@ -11,9 +11,16 @@ set -euo pipefail
 venv=${1:-.venv}
 torch_cpu=${2:-torch==2.13.0}
 mode=${3:-locked}
+gpu=false
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then gpu=true; fi
 case "$mode" in
     locked) pins=(-c constraints.txt) ;;
-    latest) pins=(--upgrade --upgrade-strategy eager) ;;
+    latest)
+        # An eager upgrade would replace the CPU build with the newest (CUDA) torch: hold it.
+        hold=$(mktemp)
+        trap 'rm -f "$hold"' EXIT
+        if [ "$gpu" = false ]; then echo "$torch_cpu" > "$hold"; fi
+        pins=(--upgrade --upgrade-strategy eager -c "$hold") ;;
     *) echo "setup: mode must be 'locked' or 'latest', got '$mode'" >&2; exit 2 ;;
 esac
 
@@ -23,7 +30,7 @@ python3 -m venv "$venv"
 # torch first: without a GPU take the CPU build, so the project's `torch` range is already met
 # and pip does not pull the CUDA build.
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    if [ "$gpu" = true ]; then
         "$venv/bin/python" -m pip install -q -c constraints.txt torch
     else
         "$venv/bin/python" -m pip install -q "$torch_cpu"

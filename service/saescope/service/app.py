@@ -231,7 +231,16 @@ class SaeScope:
             self._metrics.queue_depth("forward", self._forward_waiting)
 
 
+MAX_DETAILS_BYTES = 1024
+
+
 def _fail(ctx: RayServegRPCContext, code: str, details: str) -> RpcFailed:
+    """Set the call's status. Details are cut to ``MAX_DETAILS_BYTES`` of UTF-8: they echo the
+    caller's input (an unknown sae_id, a role), and gRPC percent-encodes non-ASCII bytes into a
+    header that clients cap at 8–16 KiB — over it, the caller would see RESOURCE_EXHAUSTED."""
+    raw = details.encode()
+    if len(raw) > MAX_DETAILS_BYTES:
+        details = raw[: MAX_DETAILS_BYTES - 3].decode(errors="ignore") + "…"
     ctx.set_code(grpc.StatusCode[code])
     ctx.set_details(details)
     return RpcFailed(f"{code}: {details}")

@@ -253,7 +253,8 @@ class ModelRuntime:
         key = sae_id or self.default_sae_id
         if key not in self.saes:
             known = ", ".join(sorted(self.saes)) or "none"
-            raise NotFound(f"sae_id: no SAE {key!r} is loaded (loaded: {known})")
+            shown = key if len(key) <= 64 else key[:64] + "…"
+            raise NotFound(f"sae_id: no SAE {shown!r} is loaded (loaded: {known})")
         return self.saes[key]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from saescope.service.errors import InvalidArgument, OutOfRange
 from saescope.service.types import Limits, Sampling
 
 MIN_TEMPERATURE = 0.01
+# The proto's temperature is a float32: 0.01 arrives as 0.0099999998. Compare with that.
+_MIN_T_WIRE = struct.unpack("<f", struct.pack("<f", MIN_TEMPERATURE))[0]
 MAX_TEMPERATURE = 10.0
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -72,7 +75,7 @@ def plan_sampling(
             "sampling.max_new_tokens", n, max_positions - prompt_len, "(prompt + new tokens)"
         )
     t = s.temperature
-    if not (math.isfinite(t) and (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE)):
+    if not (math.isfinite(t) and (t == 0.0 or _MIN_T_WIRE <= t <= MAX_TEMPERATURE)):
         raise InvalidArgument(
             "sampling.temperature",
             f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t:g}",

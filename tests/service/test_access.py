@@ -26,6 +26,9 @@ def test_keys_are_split_on_commas_whitespace_and_newlines() -> None:
         ("ipv4:127.0.0.1:5000", True),
         ("ipv4:127.8.9.10:5000", True),
         ("ipv6:[::1]:5000", True),
+        ("ipv6:%5B::1%5D:5000", True),  # as grpc writes it: a client of localhost:PORT
+        ("ipv6:%5B::ffff:127.0.0.1%5D:5000", True),
+        ("ipv6:%5B2001:db8::1%5D:5000", False),
         ("ipv6:[::ffff:127.0.0.1]:5000", True),
         ("unix:/tmp/sock", True),
         ("ipv4:10.1.2.3:5000", False),

@@ -248,6 +248,24 @@ def test_without_a_key_a_non_loopback_caller_is_refused(
     assert serve_instance.stub().GetInfo(pb.GetInfoRequest(), metadata=serve_instance.metadata)
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "[::1]"])
+def test_without_a_key_every_loopback_spelling_is_answered(
+    serve_instance: ServeInstance, host: str
+) -> None:
+    """``localhost:PORT`` (the SDK's and the CLI's default) often connects over IPv6, whose peer
+    grpc writes URI-encoded (``ipv6:%5B::1%5D:…``): still loopback."""
+    port = serve_instance.grpc_target.rsplit(":", 1)[1]
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=10)
+        except grpc.FutureTimeoutError:
+            pytest.skip(f"{host} does not reach the proxy on this machine")
+        info = serve_instance.stub(channel).GetInfo(
+            pb.GetInfoRequest(), metadata=serve_instance.metadata
+        )
+    assert info.saes
+
+
 @pytest.fixture(scope="module")
 def keys_file(
     serve_instance: ServeInstance, tmp_path_factory: pytest.TempPathFactory

@@ -25,6 +25,7 @@ import ipaddress
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def parse_keys(text: str) -> tuple[str, ...]:
 
 def is_loopback_peer(peer: str) -> bool:
     """Whether a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:…``)
-    is on this machine's loopback. Anything unparsable is not."""
-    kind, _, rest = peer.partition(":")
+    is on this machine's loopback. Anything unparsable is not. grpc writes IPv6 peers URI-encoded
+    (``ipv6:%5B::1%5D:5000``, what a client of ``localhost:PORT`` shows as), so decode first."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind in ("unix", "unix-abstract"):
         return True
     if kind == "ipv4":

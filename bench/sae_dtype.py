@@ -35,16 +35,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _residuals(dtype: Any, n_tokens: int, hookpoint: str) -> Any:
+def _residuals(dtype: Any, n_tokens: int, hookpoint: str, device: str) -> Any:
     """``(N, d_in)`` residuals of the default model in ``dtype``, attention sinks left out."""
     import torch
 
     from saescope.training import models
 
-    model, tok = models.load_model("default", device="cpu", dtype=dtype)
+    model, tok = models.load_model("default", device=device, dtype=dtype)
     rows, total = [], 0
     for text in common.corpus_texts():
-        ids = tok(text, return_tensors="pt")["input_ids"][:, :256]
+        ids = tok(text, return_tensors="pt")["input_ids"][:, :256].to(model.device)
         x = models.run_to_hookpoints(model, ids, None, [hookpoint])[hookpoint][0, 1:]  # no sink
         norms = x.float().norm(dim=-1)
         rows.append(x[norms < 10 * norms.median()])  # the checkpoints' outlier rule
@@ -75,8 +75,10 @@ def _compare(sae32: Any, sae_low: Any, x: Any, rounds: int) -> dict[str, float]:
                 ("float32", lambda: sae32.encode(x.float())),
                 ("low", lambda: sae_low.encode(x)),
             ):
+                common.sync(x.device)  # a GPU's queue drained before each clock read
                 start = time.perf_counter()
                 fn()
+                common.sync(x.device)
                 times[key].append(time.perf_counter() - start)
     return {
         "rel_err_p50": float(rel.median()),
@@ -93,11 +95,11 @@ def measure(args: argparse.Namespace) -> None:
 
     from saescope.training import checkpoint
 
-    sae32, meta = checkpoint.load_sae(args.sae, device="cpu", dtype=torch.float32)
+    sae32, meta = checkpoint.load_sae(args.sae, device=args.device, dtype=torch.float32)
     rows = []
     for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        x = _residuals(dtype, args.tokens, meta["hookpoint"])
-        sae_low, _ = checkpoint.load_sae(args.sae, device="cpu", dtype=dtype)
+        x = _residuals(dtype, args.tokens, meta["hookpoint"], args.device)
+        sae_low, _ = checkpoint.load_sae(args.sae, device=args.device, dtype=dtype)
         res = _compare(sae32, sae_low, x, rounds=3 if args.quick else 15)
         rows.append({"model dtype": name, "tokens": int(x.shape[0])} | res)
         print(rows[-1], flush=True)

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import re
-import socket
 import tempfile
 import threading
 import time
@@ -53,7 +51,13 @@ from bench.reliability_cases import Case, Context, cases, gen, samp, text
 from bench.reliability_fuzz import Fuzzer
 from bench.reliability_report import write
 from saescope.api.v1 import saescope_pb2 as pb
-from tests.support.serve import TEST_API_KEY, TEST_API_KEY_ENV, ServeInstance, start_serve
+from tests.support.serve import (
+    TEST_API_KEY,
+    TEST_API_KEY_ENV,
+    ServeInstance,
+    non_loopback_address,
+    start_serve,
+)
 
 DOC = common.ROOT / "RELIABILITY.md"
 STRICT_APP = "saescope-probe-strict"
@@ -197,17 +201,6 @@ def calibrate(channel: grpc.Channel, md: Metadata, max_tokens: int) -> tuple[str
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return word * lo, word * hi
-
-
-def non_loopback_address() -> str | None:
-    """An address of this machine other than loopback (the proxy listens on all of them)."""
-    candidates = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the interface
-        candidates.append(s.getsockname()[0])
-    with contextlib.suppress(OSError):
-        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
-    return next((a for a in candidates if not ipaddress.ip_address(a).is_loopback), None)
 
 
 # ---- 1. bad-input classes ------------------------------------------------------------------------

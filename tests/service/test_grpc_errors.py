@@ -11,9 +11,6 @@ rotating them there takes effect without a restart.
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +21,13 @@ import grpc
 import pytest
 
 from saescope.api.v1 import saescope_pb2 as pb
-from tests.support.serve import TEST_API_KEY, TEST_API_KEY_ENV, TEST_LIMITS, ServeInstance
+from tests.support.serve import (
+    TEST_API_KEY,
+    TEST_API_KEY_ENV,
+    TEST_LIMITS,
+    ServeInstance,
+    non_loopback_address,
+)
 
 Code = grpc.StatusCode
 LONG = pb.SamplingParams(max_new_tokens=TEST_LIMITS["max_new_tokens"])  # seconds of decoding
@@ -215,20 +218,6 @@ def test_an_unparsable_request_is_invalid_argument(
 
 
 # ---- loopback only, unless there is a key --------------------------------------------------------
-def non_loopback_address() -> str | None:
-    """An address of this machine other than loopback (the proxy listens on all of them)."""
-    candidates = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the interface
-        candidates.append(s.getsockname()[0])
-    with contextlib.suppress(OSError):
-        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
-    for addr in candidates:
-        if not ipaddress.ip_address(addr).is_loopback:
-            return addr
-    return None
-
-
 @pytest.fixture(scope="module")
 def remote_target(serve_instance: ServeInstance) -> str:
     addr = non_loopback_address()

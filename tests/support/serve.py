@@ -32,6 +32,8 @@ Set ``SAESCOPE_TEST_RAY_LOGS=1`` to see the replicas' and proxies' logs in the t
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
 import time
@@ -127,6 +129,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def non_loopback_address() -> str | None:
+    """An address of this machine other than loopback (the proxy listens on all of them), to
+    call the service as a remote caller would; None when the machine has none."""
+    candidates = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the interface
+        candidates.append(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    return next((a for a in candidates if not ipaddress.ip_address(a).is_loopback), None)
 
 
 def build_artifacts(root: Path) -> tuple[Path, dict[str, Path]]:

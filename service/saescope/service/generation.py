@@ -242,8 +242,7 @@ class DecodeBatcher:
             self._pending.clear()
         self._rows, self._joining, self._kv = [], [], BatchCache()
         for req in reqs.values():
-            req.handle.put(error)
-            self._forget(req.handle.request_id)
+            self._fail(req, error)  # a request that already failed is not told twice
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> bool:

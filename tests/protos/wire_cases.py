@@ -1,0 +1,251 @@
+"""One recorded exchange per RPC: how the SDK calls it, what the engine sees, what it answers.
+
+``test_wire_format`` pins these against ``wire_v1.json``: the request bytes the SDK sends, the
+domain request the service decodes from them, the response bytes the service encodes from the
+domain result, and the SDK's result decoded from those bytes. Re-record (``PYTHONPATH=. python
+tests/protos/test_wire_format.py --record``) only for a deliberate, compatible wire change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from saescope.client import Chat, ablate, add, clamp, multiply
+from saescope.service import types as t
+
+
+@dataclass(frozen=True)
+class Case:
+    rpc: str
+    call: Callable[[Any], Any]
+    """The SDK call, given a client (sync: its result; async: an awaitable or a stream)."""
+    request: Any
+    """The domain request the service decodes (``None`` for GetInfo)."""
+    results: list[Any]
+    """Domain results the service encodes, one per response message (streams: several)."""
+
+
+TOK = [
+    t.Token(id=1, text="<|im_start|>", start=0, end=12, special=True),
+    t.Token(id=504, text="Hello", start=12, end=17),
+    t.Token(id=28, text=" é", start=17, end=19),
+]
+PROMPT = t.Prompt(text="Hello é")
+CHAT = t.Prompt(chat=(t.ChatMessage("system", "Be brief."), t.ChatMessage("user", "Hi")))
+CHAT_GEN = t.Prompt(chat=CHAT.chat, add_generation_prompt=True)
+CHAT_SDK = Chat.of([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+
+INFO = t.Info(
+    model="HuggingFaceTB/SmolLM2-135M-Instruct",
+    dtype="float32",
+    device="cpu",
+    num_layers=30,
+    d_model=576,
+    vocab_size=49152,
+    has_chat_template=True,
+    saes=[
+        t.SaeInfo(
+            "l15", "model.layers.15", 15, 576, 4608, "relu", 0, {"fvu": 0.307, "l0": 33.9}, 1048576
+        ),
+        t.SaeInfo("l8", "model.layers.8", 8, 576, 2304, "topk", 32, {}, 4096, True),
+    ],
+    default_sae_id="l15",
+    limits=t.Limits(),
+    version="0.3.0",
+)
+
+ACTS = t.ActivationsResult(
+    sae_id="l15",
+    prompts=[
+        t.PromptActivations(
+            tokens=TOK,
+            token_top_features=[
+                t.Sparse([], []),
+                t.Sparse([7, 3], [2.5, 0.25]),
+                t.Sparse([9], [1.0]),
+            ],
+            feature_values=np.array([[0.0, 1.0], [2.5, 0.0], [0.5, 0.125]], dtype=np.float32),
+            top_features=t.Sparse([7, 9], [2.5, 1.0]),
+            error_norms=[10.0, 1.5, 2.0],
+            residual_norms=[100.0, 9.0, 8.5],
+            out_of_distribution=[True, False, False],
+        ),
+        t.PromptActivations(
+            tokens=TOK[:1],
+            token_top_features=[t.Sparse([], [])],
+            feature_values=np.zeros((1, 2), dtype=np.float32),
+            top_features=t.Sparse([], []),
+            error_norms=[3.0],
+            residual_norms=[4.0],
+            out_of_distribution=[False],
+        ),
+    ],
+)
+
+EDITS = [
+    t.Intervention(7, "clamp", 8.0, "all"),
+    t.Intervention(3, "add", -1.5, "prompt"),
+    t.Intervention(9, "multiply", 0.5, "generated"),
+    t.Intervention(11, "ablate", 0.0, "all"),
+]
+TRACE = [t.FeatureTrace(7, [0.0, 1.0, 2.0], [8.0, 8.0, 8.0])]
+STEERED = t.Completion("Paris", [TOK[1]], [-0.5], "stop", TRACE)
+BASELINE = t.Completion(" é", [TOK[2]], [-1.25], "length", [])
+GENERATED = t.GenerateResult("l15", TOK, STEERED, BASELINE)
+GENERATE = t.GenerateRequest(
+    prompt=CHAT_GEN,
+    sae_id="l15",
+    interventions=EDITS,
+    sampling=t.Sampling(
+        max_new_tokens=4, temperature=0.75, top_p=0.875, top_k=20, seed=0, stop=("\n",)
+    ),
+    include_baseline=True,
+    include_logprobs=True,
+    include_trace=True,
+)
+GENERATE_PLAIN = t.GenerateRequest(prompt=PROMPT, sampling=t.Sampling(0, 0.0, 0.0, 0, None, ()))
+
+
+def _generate(client: Any) -> Any:
+    return client.generate(
+        CHAT_SDK,
+        sae_id="l15",
+        interventions=[
+            clamp(7, 8.0),
+            add(3, -1.5, scope="prompt"),
+            multiply(9, 0.5, "generated"),
+            ablate(11),
+        ],
+        max_new_tokens=4,
+        temperature=0.75,
+        top_p=0.875,
+        top_k=20,
+        seed=0,
+        stop="\n",
+        baseline=True,
+        logprobs=True,
+        trace=True,
+    )
+
+
+HIT = t.ContrastHit(
+    feature=7,
+    mean_positive=2.5,
+    mean_negative=0.125,
+    mean_difference=2.375,
+    effect_size=3.25,
+    auroc=1.0,
+    p_value=1e-4,
+    p_value_corrected=2e-3,
+    frac_active_positive=1.0,
+    frac_active_negative=0.25,
+    locations=[
+        t.FeatureLocation(True, 0, 1, "Hello", 2.5),
+        t.FeatureLocation(False, 1, 0, "a", 0.5),
+    ],
+)
+CONTRAST = t.ContrastResult("l15", [HIT], [], 812)
+
+FEATURE = t.FeatureResult(
+    sae_id="l15",
+    feature=7,
+    decoder_norm=1.0,
+    encoder_norm=2.5,
+    encoder_bias=-0.25,
+    density=0.015625,
+    promoted=[t.TokenScore(504, "Hello", 3.5)],
+    suppressed=[t.TokenScore(28, " é", -2.0)],
+    nearest=[(9, 0.5), (3, 0.25)],
+    top_examples=[t.ActivatingExample(TOK, [0.0, 2.5, 1.0], 2.5)],
+    direction=np.array([0.6, -0.8, 0.0], dtype=np.float32),
+)
+FEATURE_BARE = t.FeatureResult("l15", 3, 1.0, 0.5, 0.0, None, [], [], [], [], None)
+
+CASES: dict[str, Case] = {
+    "info": Case("GetInfo", lambda c: c.info(), None, [INFO]),
+    "tokenize_text": Case(
+        "Tokenize",
+        lambda c: c.tokenize("Hello é"),
+        PROMPT,
+        [t.Tokenized("<|im_start|>Hello é", TOK)],
+    ),
+    "tokenize_chat": Case(
+        "Tokenize", lambda c: c.tokenize(chat=CHAT_SDK), CHAT, [t.Tokenized("x", TOK[:1])]
+    ),
+    "activations": Case(
+        "GetFeatureActivations",
+        lambda c: c.activations(
+            ["Hello é", CHAT_SDK],
+            sae_id="l15",
+            top_k=2,
+            features=[7, 3],
+            top_k_aggregated=4,
+            aggregation="mean",
+            include_special_tokens=True,
+        ),
+        t.ActivationsRequest(
+            prompts=[PROMPT, CHAT],
+            sae_id="l15",
+            top_k_per_token=2,
+            feature_ids=[7, 3],
+            top_k_aggregated=4,
+            aggregation="mean",
+            include_special_tokens=True,
+        ),
+        [ACTS],
+    ),
+    "generate": Case("GenerateSteered", _generate, GENERATE, [GENERATED]),
+    "generate_plain": Case(
+        "GenerateSteered",
+        lambda c: c.generate("Hello é"),
+        GENERATE_PLAIN,
+        [t.GenerateResult("l15", TOK, t.Completion("", [], [], "eos", []))],
+    ),
+    "stream": Case(
+        "StreamGenerateSteered",
+        lambda c: c.stream("Hello é", max_new_tokens=2, logprobs=True),
+        t.GenerateRequest(
+            prompt=PROMPT, sampling=t.Sampling(2, 0.0, 0.0, 0, None, ()), include_logprobs=True
+        ),
+        [
+            t.TokenEvent("steered", 0, TOK[1], "Hello", -0.5, [8.0]),
+            t.TokenEvent("baseline", 0, TOK[2], " é", None, []),
+            GENERATED,
+        ],
+    ),
+    "contrast": Case(
+        "SearchFeaturesByContrast",
+        lambda c: c.contrast(
+            ["Hello é", "Bonjour"], [CHAT_SDK, "Hi"], sae_id="l15", top_n=5, locations=2
+        ),
+        t.ContrastRequest(
+            positive=[PROMPT, t.Prompt(text="Bonjour")],
+            negative=[CHAT, t.Prompt(text="Hi")],
+            sae_id="l15",
+            aggregation="max",
+            top_n=5,
+            locations_per_hit=2,
+        ),
+        [CONTRAST],
+    ),
+    "feature": Case(
+        "GetFeature",
+        lambda c: c.feature(7, sae_id="l15", top_logits=1, neighbours=2, direction=True),
+        t.FeatureRequest(
+            feature=7, sae_id="l15", top_logits=1, neighbours=2, include_direction=True
+        ),
+        [FEATURE],
+    ),
+    "feature_bare": Case(
+        "GetFeature",
+        lambda c: c.feature(3),
+        t.FeatureRequest(
+            feature=3, sae_id="", top_logits=10, neighbours=10, include_direction=False
+        ),
+        [FEATURE_BARE],
+    ),
+}

@@ -26,7 +26,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 types: setup
-	$(VENV)/bin/mypy training service clients tests bench
+	$(VENV)/bin/mypy training service clients tests bench protos/saescope/api/v1/vocabulary.py protos/saescope/api/v1/shapes.py
 
 test: setup
 	$(PY) -m pytest

@@ -8,9 +8,12 @@
 //   for await (const ev of client.stream('Once upon a time', { maxNewTokens: 20 })) { ... }
 //   client.close();
 //
-// Fields are camelCase (proto-loader's default), enums are their names ('AGGREGATION_MAX'),
-// int64 values are Numbers. Failed calls reject with a SaeScopeError carrying the gRPC status
-// name (e.g. 'NOT_FOUND') and the server's message.
+// Fields are camelCase (proto-loader's default), enums in responses are their names
+// ('FINISH_REASON_EOS'), int64 values are Numbers. Inputs take the API's words, read from the
+// .proto's enums: `interventions` has a constructor per intervention mode (`clamp`, `add`, ...),
+// scopes are SCOPES ('all', 'prompt', 'generated'), aggregations AGGREGATIONS ('max', ...);
+// a word not in the .proto throws a RangeError naming the field. Failed calls reject with a
+// SaeScopeError carrying the gRPC status name (e.g. 'NOT_FOUND') and the server's message.
 'use strict';
 
 const path = require('path');
@@ -22,15 +25,58 @@ const PROTO_FILE = 'saescope/api/v1/saescope.proto';
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([k, v]) => [v, k]));
 
+// Loaded once, at require time: the service stub and the vocabularies below both come from it.
+const DEFINITION = protoLoader.loadSync(PROTO_FILE, {
+  includeDirs: [PROTO_ROOT],
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+
 function loadService() {
-  const definition = protoLoader.loadSync(PROTO_FILE, {
-    includeDirs: [PROTO_ROOT],
-    longs: Number,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-  });
-  return grpc.loadPackageDefinition(definition).saescope.api.v1.SaeScope;
+  return grpc.loadPackageDefinition(DEFINITION).saescope.api.v1.SaeScope;
+}
+
+// ---- vocabularies: the .proto's enums, as words (one word, one place) ---------------------
+// An enum's words are its value names less the enum's prefix, lowercased, in the .proto's
+// order (Intervention.MODE_CLAMP -> 'clamp'); X_UNSPECIFIED is not a word. The same rule as
+// protos/saescope/api/v1/vocabulary.py, so a value added to the .proto is a word here too.
+
+/** The EnumDescriptorProto of `saescope.api.v1.<message>.<name>` (or of `<name>` alone). */
+function enumDescriptor(message, name) {
+  const found = message
+    ? DEFINITION[`saescope.api.v1.${message}`].type.enumType.find((e) => e.name === name)
+    : DEFINITION[`saescope.api.v1.${name}`]?.type;
+  if (!found) throw new Error(`${PROTO_FILE}: no enum ${message ? `${message}.` : ''}${name}`);
+  return found;
+}
+
+/** word -> enum value name (what proto-loader sends with `enums: String`), in .proto order. */
+function vocabulary(descriptor) {
+  const prefix = `${descriptor.name.replace(/(?<!^)(?=[A-Z])/g, '_').toUpperCase()}_`;
+  const names = {};
+  for (const { name } of descriptor.value) {
+    if (name === `${prefix}UNSPECIFIED`) continue;
+    names[(name.startsWith(prefix) ? name.slice(prefix.length) : name).toLowerCase()] = name;
+  }
+  return Object.freeze(names);
+}
+
+const MODE = vocabulary(enumDescriptor('Intervention', 'Mode'));
+const SCOPE = vocabulary(enumDescriptor('Intervention', 'Scope'));
+const AGGREGATION = vocabulary(enumDescriptor(null, 'Aggregation'));
+const MODES = Object.freeze(Object.keys(MODE));
+const SCOPES = Object.freeze(Object.keys(SCOPE));
+const AGGREGATIONS = Object.freeze(Object.keys(AGGREGATION));
+
+/** The enum value name of `word`, or an error naming `field` and the words it accepts. */
+function enumName(names, word, field) {
+  if (typeof word === 'string' && Object.prototype.hasOwnProperty.call(names, word)) {
+    return names[word];
+  }
+  const words = Object.keys(names).join(', ');
+  throw new RangeError(`${field}: ${JSON.stringify(word)} is not one of ${words}`);
 }
 
 /** A failed call: `code` is the gRPC status name, `details` the server's message. */
@@ -54,16 +100,25 @@ function toPrompt(prompt, addGenerationPrompt = false) {
   throw new TypeError('prompt: expected a string or an array of {role, content} messages');
 }
 
-const intervention = (mode) => (feature, value = 0, scope = 'all') => ({
-  feature,
-  mode: `MODE_${mode}`,
-  value,
-  scope: `SCOPE_${scope.toUpperCase()}`,
-});
-const clamp = intervention('CLAMP');
-const add = intervention('ADD');
-const multiply = intervention('MULTIPLY');
-const ablate = (feature, scope = 'all') => intervention('ABLATE')(feature, 0, scope);
+// Intervention constructors, one per mode of the .proto: `interventions.clamp(feature, value,
+// scope = 'all')`; a mode whose value the service ignores takes none: `ablate(feature, scope)`.
+const VALUELESS_MODES = new Set(['ablate']);
+
+function intervention(mode, feature, value, scope) {
+  return { feature, mode: MODE[mode], value, scope: enumName(SCOPE, scope, 'scope') };
+}
+
+const interventions = Object.freeze(
+  Object.fromEntries(
+    MODES.map((mode) => [
+      mode,
+      VALUELESS_MODES.has(mode)
+        ? (feature, scope = 'all') => intervention(mode, feature, 0, scope)
+        : (feature, value = 0, scope = 'all') => intervention(mode, feature, value, scope),
+    ]),
+  ),
+);
+const { clamp, add, multiply, ablate } = interventions;
 
 /** A DenseTensor's values (little-endian float32) as a Float32Array. */
 function denseToArray(tensor) {
@@ -131,7 +186,7 @@ class SaeScopeClient {
       topKPerToken: opts.topK === undefined ? 5 : opts.topK,
       featureIds: opts.features || [],
       topKAggregated: opts.topKAggregated === undefined ? 10 : opts.topKAggregated,
-      aggregation: `AGGREGATION_${(opts.aggregation || 'max').toUpperCase()}`,
+      aggregation: enumName(AGGREGATION, opts.aggregation || 'max', 'aggregation'),
     };
     return this._unary('GetFeatureActivations', request, opts.timeoutMs);
   }
@@ -184,7 +239,7 @@ class SaeScopeClient {
       saeId: opts.saeId || '',
       positive: positive.map((p) => toPrompt(p)),
       negative: negative.map((p) => toPrompt(p)),
-      aggregation: `AGGREGATION_${(opts.aggregation || 'max').toUpperCase()}`,
+      aggregation: enumName(AGGREGATION, opts.aggregation || 'max', 'aggregation'),
       topN: opts.topN || 10,
       locationsPerHit: opts.locations || 0,
     };
@@ -210,10 +265,14 @@ class SaeScopeClient {
 module.exports = {
   SaeScopeClient,
   SaeScopeError,
+  interventions,
   clamp,
   add,
   multiply,
   ablate,
+  MODES,
+  SCOPES,
+  AGGREGATIONS,
   denseToArray,
   toPrompt,
   PROTO_ROOT,

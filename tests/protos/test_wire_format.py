@@ -25,6 +25,7 @@ import pytest
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.client import AsyncClient, Client
 from saescope.service import convert
+from saescope.service import types as t
 from tests.protos.wire_cases import CASES, Case
 
 RECORDING = Path(__file__).with_name("wire_v1.json")
@@ -40,30 +41,26 @@ def _message(rpc: str, side: str) -> Any:
 # ---- the service's side -----------------------------------------------------------------------
 def service_request(rpc: str, message: Any) -> Any:
     """The domain request the service makes of a wire request."""
-    decode = {
-        "GetInfo": lambda m: None,
-        "Tokenize": convert.tokenize_request,
-        "GetFeatureActivations": convert.activations_request,
-        "GenerateSteered": convert.generate_request,
-        "StreamGenerateSteered": convert.generate_request,
-        "SearchFeaturesByContrast": convert.contrast_request,
-        "GetFeature": convert.feature_request,
+    if rpc == "GetInfo":
+        return None
+    types = {
+        "Tokenize": t.TokenizeRequest,
+        "GetFeatureActivations": t.ActivationsRequest,
+        "GenerateSteered": t.GenerateRequest,
+        "StreamGenerateSteered": t.GenerateRequest,
+        "SearchFeaturesByContrast": t.ContrastRequest,
+        "GetFeature": t.FeatureRequest,
     }
-    return decode[rpc](message)
+    return convert.request(message, types[rpc])
 
 
 def service_response(rpc: str, result: Any) -> bytes:
     """The bytes the service sends for a domain result (deterministic map order)."""
-    encode = {
-        "GetInfo": convert.info_response,
-        "Tokenize": convert.tokenize_response,
-        "GetFeatureActivations": convert.activations_response,
-        "GenerateSteered": convert.generate_response,
-        "StreamGenerateSteered": convert.generate_event,
-        "SearchFeaturesByContrast": convert.contrast_response,
-        "GetFeature": convert.feature_response,
-    }
-    return encode[rpc](result).SerializeToString(deterministic=True)
+    if rpc.startswith("Stream"):
+        message = convert.generate_event(result)
+    else:
+        message = convert.response(result, _message(rpc, "response"))
+    return message.SerializeToString(deterministic=True)
 
 
 # ---- a gRPC server replaying recorded responses -----------------------------------------------
@@ -111,7 +108,7 @@ def _as_json(result: Any) -> Any:
 
 def sdk_call(case: Case, target: str, name: str, *, aio: bool) -> Any:
     """Call the SDK as a user would; a stream is read to its end."""
-    options = {"metadata": [("x-case", name)], "retry": 0, "timeout": 10}
+    options: dict[str, Any] = {"metadata": [("x-case", name)], "retry": 0, "timeout": 10}
     if not aio:
         with Client(target, **options) as client:
             out = case.call(client)

@@ -159,7 +159,7 @@ FEATURE = t.FeatureResult(
     density=0.015625,
     promoted=[t.TokenScore(504, "Hello", 3.5)],
     suppressed=[t.TokenScore(28, " é", -2.0)],
-    nearest=[(9, 0.5), (3, 0.25)],
+    nearest=[t.Neighbour(9, 0.5), t.Neighbour(3, 0.25)],
     top_examples=[t.ActivatingExample(TOK, [0.0, 2.5, 1.0], 2.5)],
     direction=np.array([0.6, -0.8, 0.0], dtype=np.float32),
 )
@@ -170,11 +170,14 @@ CASES: dict[str, Case] = {
     "tokenize_text": Case(
         "Tokenize",
         lambda c: c.tokenize("Hello é"),
-        PROMPT,
+        t.TokenizeRequest(PROMPT),
         [t.Tokenized("<|im_start|>Hello é", TOK)],
     ),
     "tokenize_chat": Case(
-        "Tokenize", lambda c: c.tokenize(chat=CHAT_SDK), CHAT, [t.Tokenized("x", TOK[:1])]
+        "Tokenize",
+        lambda c: c.tokenize(chat=CHAT_SDK),
+        t.TokenizeRequest(CHAT),
+        [t.Tokenized("x", TOK[:1])],
     ),
     "activations": Case(
         "GetFeatureActivations",

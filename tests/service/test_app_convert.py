@@ -1,4 +1,5 @@
-"""Protobuf ⇄ domain conversion: dense tensors, wire-only validation, optional fields."""
+"""Protobuf ⇄ domain conversion by shape: dense tensors, wire-only validation, optional fields,
+and the domain types kept in step with the messages and vocabularies."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from saescope.api.v1 import saescope_pb2 as pb
+from saescope.api.v1.vocabulary import WireError
 from saescope.service import convert
 from saescope.service import types as t
 from saescope.service.errors import InvalidArgument
@@ -17,7 +19,7 @@ def test_dense_tensors_are_little_endian_float32_row_major() -> None:
     assert list(msg.shape) == [2, 3] and len(msg.data) == 24
     assert msg.data[:8] == np.array([0, 1 / 7], dtype="<f4").tobytes()
     np.testing.assert_array_equal(convert.dense_from_proto(msg), x.astype(np.float32))
-    with pytest.raises(InvalidArgument, match=r"^direction: 20 bytes"):
+    with pytest.raises(WireError, match=r"^direction: 20 bytes"):
         convert.dense_from_proto(pb.DenseTensor(shape=[2, 3], data=msg.data[:20]), "direction")
 
 
@@ -26,24 +28,27 @@ def test_prompts_and_chats() -> None:
     chat = pb.Prompt(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hi")]))
     assert convert.prompt_from_proto(chat, "p") == t.Prompt(chat=(t.ChatMessage("user", "hi"),))
     with pytest.raises(InvalidArgument, match=r"^prompts\[1\]: set either text or chat"):
-        convert.activations_request(
-            pb.GetFeatureActivationsRequest(prompts=[pb.Prompt(text="a"), pb.Prompt()])
+        convert.request(
+            pb.GetFeatureActivationsRequest(prompts=[pb.Prompt(text="a"), pb.Prompt()]),
+            t.ActivationsRequest,
         )
     with pytest.raises(InvalidArgument, match=r"^prompt: required"):
-        convert.generate_request(pb.GenerateSteeredRequest())
+        convert.request(pb.GenerateSteeredRequest(), t.GenerateRequest)
+    with pytest.raises(InvalidArgument, match=r"^prompt: required"):
+        convert.request(pb.TokenizeRequest(), t.TokenizeRequest)
 
 
 def test_enums_unset_or_unknown_name_the_field() -> None:
     req = pb.GenerateSteeredRequest(prompt=pb.Prompt(text="a"))
     req.interventions.add(feature=3)
     with pytest.raises(InvalidArgument, match=r"^interventions\[0\]\.mode: required"):
-        convert.generate_request(req)
+        convert.request(req, t.GenerateRequest)
     req.interventions[0].mode = 99  # type: ignore[assignment]
     with pytest.raises(InvalidArgument, match=r"^interventions\[0\]\.mode: unknown value 99"):
-        convert.generate_request(req)
+        convert.request(req, t.GenerateRequest)
     bad = pb.GetFeatureActivationsRequest(prompts=[pb.Prompt(text="a")], aggregation=7)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match=r"^aggregation: unknown value 7"):
-        convert.activations_request(bad)
+        convert.request(bad, t.ActivationsRequest)
 
 
 def test_generate_request_fields() -> None:
@@ -61,11 +66,11 @@ def test_generate_request_fields() -> None:
         sampling=pb.SamplingParams(temperature=0.5, top_p=0.75, top_k=5, stop=["\n"]),
         include_trace=True,
     )
-    out = convert.generate_request(req)
+    out = convert.request(req, t.GenerateRequest)
     assert out.interventions == [t.Intervention(2, "add", 1.5, "prompt")]
     assert out.sampling == t.Sampling(0, 0.5, 0.75, 5, None, ("\n",))
     req.sampling.seed = 0  # an explicit 0 is a seed, not "unset"
-    assert convert.generate_request(req).sampling.seed == 0
+    assert convert.request(req, t.GenerateRequest).sampling.seed == 0
 
 
 def test_stream_events_and_optional_fields() -> None:
@@ -78,7 +83,21 @@ def test_stream_events_and_optional_fields() -> None:
     msg = convert.generate_event(done)
     assert msg.WhichOneof("event") == "done" and not msg.done.HasField("baseline")
     assert msg.done.steered.finish_reason == pb.FINISH_REASON_EOS
-    feature = t.FeatureResult("s", 1, 1.0, 2.0, 0.1, None, [], [], [(4, 0.5)], [], None)
-    got = convert.feature_response(feature)
+    feature = t.FeatureResult("s", 1, 1.0, 2.0, 0.1, None, [], [], [t.Neighbour(4, 0.5)], [], None)
+    got = convert.response(feature, pb.GetFeatureResponse)
     assert not got.HasField("density") and not got.HasField("direction")
     assert (got.nearest[0].feature, got.nearest[0].cosine) == (4, 0.5)
+
+
+def test_the_app_answers_every_rpc() -> None:
+    """Serve's gRPC proxy calls the deployment's method named as the RPC: every RPC of the
+    .proto has one, taking the request and ``grpc_context``."""
+    import inspect
+
+    from saescope.service.app import SaeScope
+
+    cls = SaeScope.func_or_class  # type: ignore[attr-defined]  # a serve.Deployment
+    for rpc in pb.DESCRIPTOR.services_by_name["SaeScope"].methods_by_name:
+        method = getattr(cls, rpc)
+        assert list(inspect.signature(method).parameters) == ["self", "request", "grpc_context"]
+        assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), rpc

@@ -38,7 +38,7 @@ def test_next_batch_is_what_queued_while_busy() -> None:
         await asyncio.sleep(0.02)  # the engine is busy with [0]
         rest = [asyncio.create_task(b.submit(i)) for i in range(1, 12)]
         await asyncio.sleep(0.01)
-        assert b.waiting == 11
+        assert engine.batches == [[0]]  # the eleven wait: the engine is still busy with [0]
         out = await asyncio.gather(first, *rest)
         return out, engine.batches, seen
 

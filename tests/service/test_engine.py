@@ -68,14 +68,14 @@ def test_startup_errors_name_the_sae(engine: Engine, tmp_path) -> None:
 
 # ---- tokenisation --------------------------------------------------------------------------------
 def test_tokenize_text_offsets(engine: Engine) -> None:
-    out = engine.tokenize(t.Prompt(text="Hello wörld"))
+    out = engine.tokenize(t.TokenizeRequest(t.Prompt(text="Hello wörld")))
     assert out.text == "Hello wörld"
     assert "".join(out.text[tok.start : tok.end] for tok in out.tokens) == out.text
     assert not any(tok.special for tok in out.tokens)
 
 
 def test_tokenize_chat_marks_special_tokens(engine: Engine) -> None:
-    out = engine.tokenize(chat(("user", "Hi"), gen=True))
+    out = engine.tokenize(t.TokenizeRequest(chat(("user", "Hi"), gen=True)))
     assert out.text.startswith("<|im_start|>system") and out.text.endswith(
         "<|im_start|>assistant\n"
     )
@@ -98,7 +98,7 @@ def test_tokenize_chat_marks_special_tokens(engine: Engine) -> None:
 )
 def test_bad_prompts_name_the_field(engine: Engine, prompt: t.Prompt, field: str) -> None:
     with pytest.raises(InvalidArgument) as e:
-        engine.tokenize(prompt)
+        engine.tokenize(t.TokenizeRequest(prompt))
     assert getattr(e.value, "field", None) == field
 
 
@@ -107,7 +107,7 @@ def test_chat_without_template(tmp_path) -> None:
     engine = Engine(str(model_dir), {}, device="cpu")
     assert not engine.info().has_chat_template and engine.info().default_sae_id == ""
     with pytest.raises(InvalidArgument) as e:
-        engine.tokenize(chat(("user", "hi")))
+        engine.tokenize(t.TokenizeRequest(chat(("user", "hi"))))
     assert e.value.field == "prompt.chat"
     with pytest.raises(NotFound):
         engine.activations(t.ActivationsRequest(prompts=[t.Prompt(text="hi")]))
@@ -115,7 +115,7 @@ def test_chat_without_template(tmp_path) -> None:
 
 def test_prompt_too_long(engine: Engine) -> None:
     with pytest.raises(OutOfRange) as e:
-        engine.tokenize(t.Prompt(text="word " * 200))
+        engine.tokenize(t.TokenizeRequest(t.Prompt(text="word " * 200)))
     assert e.value.field == "prompt" and e.value.limit == TEST_LIMITS.max_tokens_per_prompt
 
 
@@ -302,7 +302,7 @@ def test_feature(engine: Engine) -> None:
     assert res.suppressed[0].score == pytest.approx(float(dla.min()), rel=1e-5)
     cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ u
     cos[5] = -2
-    assert [f for f, _ in res.nearest] == cos.topk(3).indices.tolist()
+    assert [n.feature for n in res.nearest] == cos.topk(3).indices.tolist()
     assert res.top_examples == [] and len(res.promoted) == 4
 
 

@@ -26,7 +26,7 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "barked", "at",
 def long_text(engine: Engine, start: int) -> str:
     """Words from ``start`` on, as many as fit in 60–96 tokens (whatever the tokenizer)."""
     words = [WORDS[start % len(WORDS)]]
-    while len(engine.tokenize(t.Prompt(text=" ".join(words))).tokens) < 60:
+    while len(engine.tokenize(t.TokenizeRequest(t.Prompt(text=" ".join(words)))).tokens) < 60:
         words.append(WORDS[(start + len(words)) % len(WORDS)])
     return " ".join(words)
 

@@ -41,9 +41,16 @@ def text(s: str) -> pb.Prompt:
 
 @pytest.fixture(scope="module")
 def engine(serve_instance: ServeInstance) -> Iterator[Any]:
-    """The served model and SAEs, loaded in this process, for reference results."""
+    """The served model and SAEs, loaded in this process, for reference results.
+
+    It computes with one torch thread, as the replica does (``torch_threads: 1``): float sums
+    are cut differently across threads, and these results are compared exactly."""
+    import torch
+
     from saescope.service.engine import Engine
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     eng = Engine(
         str(serve_instance.model_dir),
         {k: str(v) for k, v in serve_instance.sae_paths.items()},
@@ -53,6 +60,7 @@ def engine(serve_instance: ServeInstance) -> Iterator[Any]:
     )
     yield eng
     eng.close()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +95,19 @@ def test_get_info(call: Any, serve_instance: ServeInstance) -> None:
 
 def test_tokenize_text_and_chat(call: Any, engine: Any) -> None:
     plain = call("Tokenize", pb.TokenizeRequest(prompt=text("The cat sat on the mat.")))
-    assert plain == convert.tokenize_response(engine.tokenize(t.Prompt(text=plain.text)))
+    assert plain == convert.response(
+        engine.tokenize(t.TokenizeRequest(t.Prompt(text=plain.text))), pb.TokenizeResponse
+    )
     assert "".join(tok.text for tok in plain.tokens) == "The cat sat on the mat."
     assert all(plain.text[tok.start : tok.end] == tok.text for tok in plain.tokens)
 
     chat = call("Tokenize", pb.TokenizeRequest(prompt=CHAT))
     assert "Name a colour." in chat.text and chat.text != "Name a colour."
     assert any(tok.special for tok in chat.tokens)  # the template's markers
-    assert chat == convert.tokenize_response(engine.tokenize(convert.prompt_from_proto(CHAT, "p")))
+    assert chat == convert.response(
+        engine.tokenize(t.TokenizeRequest(convert.prompt_from_proto(CHAT, "p"))),
+        pb.TokenizeResponse,
+    )
 
 
 # ---- GetFeatureActivations -----------------------------------------------------------------------
@@ -133,7 +146,7 @@ def test_activations_match_the_engine(call: Any, engine: Any, sae_id: str) -> No
     got = call("GetFeatureActivations", req)
     assert got.sae_id == (sae_id or RELU)
     assert any(len(s.features) for p in got.prompts for s in p.token_top_features)
-    assert_activations_match(got, engine.activations(convert.activations_request(req)))
+    assert_activations_match(got, engine.activations(convert.request(req, t.ActivationsRequest)))
 
 
 # ---- GenerateSteered / StreamGenerateSteered -----------------------------------------------------
@@ -169,7 +182,7 @@ def test_generate_steered(call: Any, engine: Any) -> None:
     assert got.steered.tokens != got.baseline.tokens  # a strong clamp changes the text
     # Greedy decoding is deterministic, and the same as the engine's in-process.
     assert call("GenerateSteered", req) == got
-    want = engine.generate(convert.generate_request(req))
+    want = engine.generate(convert.request(req, t.GenerateRequest))
     assert [tok.id for tok in got.steered.tokens] == [tok.id for tok in want.steered.tokens]
     assert [tok.id for tok in got.baseline.tokens] == [tok.id for tok in want.baseline.tokens]
 
@@ -211,7 +224,9 @@ def test_cancelling_a_stream_stops_decoding(
         prompt=text("Once upon a time"), sampling=pb.SamplingParams(max_new_tokens=n)
     )
     # Left alone, this generation runs all n steps (no EOS on the way).
-    assert engine.generate(convert.generate_request(req)).steered.finish_reason == "length"
+    assert (
+        engine.generate(convert.request(req, t.GenerateRequest)).steered.finish_reason == "length"
+    )
     before = wait_until_idle(serve_instance)
     stream = serve_instance.stub().StreamGenerateSteered(req, metadata=serve_instance.metadata)
     received = []
@@ -245,7 +260,10 @@ def test_search_features_by_contrast(call: Any, engine: Any) -> None:
     )
     got = call("SearchFeaturesByContrast", req)
     assert got.sae_id == TOPK and got.features_tested > 0
-    assert got == convert.contrast_response(engine.contrast(convert.contrast_request(req)))
+    assert got == convert.response(
+        engine.contrast(convert.request(req, t.ContrastRequest)),
+        pb.SearchFeaturesByContrastResponse,
+    )
     hits = [*got.positive_hits, *got.negative_hits]
     assert hits and all(0 <= h.p_value <= h.p_value_corrected <= 1 for h in hits)
     assert all(h.mean_difference > 0 for h in got.positive_hits)
@@ -260,7 +278,9 @@ def test_get_feature(call: Any, engine: Any) -> None:
     assert len(got.promoted) == len(got.suppressed) == 4 and len(got.nearest) == 3
     direction = convert.dense_from_proto(got.direction)
     assert direction.shape == (D_MODEL,) and np.linalg.norm(direction) == pytest.approx(1, rel=1e-4)
-    assert got == convert.feature_response(engine.feature(convert.feature_request(req)))
+    assert got == convert.response(
+        engine.feature(convert.request(req, t.FeatureRequest)), pb.GetFeatureResponse
+    )
 
 
 # ---- many callers at once ------------------------------------------------------------------------
@@ -272,9 +292,9 @@ def test_concurrent_callers_all_get_correct_results(
         f"Sentence number {i} is about {w}." for i, w in enumerate(["cats", "dogs", "rain", "sun"])
     ]
     act_reqs = [activations_request([RELU, TOPK][i % 2], [text(p)]) for i, p in enumerate(prompts)]
-    want_acts = [engine.activations(convert.activations_request(r)) for r in act_reqs]
+    want_acts = [engine.activations(convert.request(r, t.ActivationsRequest)) for r in act_reqs]
     gen_req = generate_request("Hello there", n=8)
-    want_gen = engine.generate(convert.generate_request(gen_req))
+    want_gen = engine.generate(convert.request(gen_req, t.GenerateRequest))
     stub, md = serve_instance.stub(), serve_instance.metadata
     errors: list[BaseException] = []
     lock = threading.Lock()

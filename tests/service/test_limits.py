@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from saescope.api.v1 import saescope_pb2 as pb
 from saescope.service import activations, convert, prompts, wire_limits
 from saescope.service import types as t
 from saescope.service.activations import ActivationsPlan
@@ -93,7 +94,7 @@ def test_the_character_bound_is_sound(engine: Engine) -> None:
 def test_a_huge_prompt_is_refused_without_tokenising(engine: Engine, rpc: str) -> None:
     huge = "a" * (8 * 2**20)  # 8 MiB: ~10 s of tokenising before this check existed
     calls = {
-        "tokenize": lambda: engine.tokenize(text(huge)),
+        "tokenize": lambda: engine.tokenize(t.TokenizeRequest(text(huge))),
         "activations": lambda: engine.activations(t.ActivationsRequest(prompts=[text(huge)])),
         "generate": lambda: engine.validate_generate(t.GenerateRequest(text(huge))),
     }
@@ -110,7 +111,7 @@ def test_a_prompt_at_the_character_bound_is_tokenised(engine: Engine) -> None:
     near = "The cat sat. " * (engine.prompt_limits.max_chars // 13)
     assert len(near) <= engine.prompt_limits.max_chars
     with counting_tokenizer(engine) as tokenised, pytest.raises(OutOfRange, match="tokens"):
-        engine.tokenize(text(near))
+        engine.tokenize(t.TokenizeRequest(text(near)))
     assert tokenised == [len(near)]
 
 
@@ -128,7 +129,7 @@ def test_a_huge_chat_is_refused_before_the_template(engine: Engine) -> None:
     ]
     for chat, field, what in cases:
         with counting_tokenizer(engine) as tokenised, pytest.raises(OutOfRange) as e:
-            engine.tokenize(t.Prompt(chat=chat))
+            engine.tokenize(t.TokenizeRequest(t.Prompt(chat=chat)))
         assert tokenised == [] and e.value.field == field and what in e.value.message
 
 
@@ -136,7 +137,7 @@ def test_a_huge_chat_is_refused_before_the_template(engine: Engine) -> None:
 def test_activation_calls_have_a_token_budget(engine: Engine) -> None:
     small = limited(engine, max_tokens_per_call=40)
     each = "The quick brown fox jumps over the lazy dog"  # 9 tokens
-    n = len(engine.tokenize(text(each)).tokens)
+    n = len(engine.tokenize(t.TokenizeRequest(text(each))).tokens)
     req = t.ActivationsRequest(prompts=[text(each)] * 8)
     with counting_tokenizer(engine) as tokenised, pytest.raises(OutOfRange) as e:
         small.activations(req)
@@ -150,7 +151,7 @@ def test_activation_calls_have_a_token_budget(engine: Engine) -> None:
 
 def test_contrast_sides_share_the_token_budget(engine: Engine) -> None:
     side = [text("Bananas are yellow."), text("I like bananas.")]
-    per_side = sum(len(engine.tokenize(p).tokens) for p in side)
+    per_side = sum(len(engine.tokenize(t.TokenizeRequest(p)).tokens) for p in side)
     small = limited(engine, max_tokens_per_call=per_side + 2)
     with pytest.raises(OutOfRange) as e:
         small.contrast(t.ContrastRequest(positive=side, negative=side))
@@ -180,7 +181,8 @@ def test_the_response_size_is_bounded_before_work(engine: Engine, i: int) -> Non
     req = REQUESTS[i]
     plan = engine.plan_activations(req)
     bound = activations.response_bytes(plan.encoded, req, plan.sae)
-    actual = convert.activations_response(engine.activations(req)).ByteSize()
+    response = pb.GetFeatureActivationsResponse
+    actual = convert.response(engine.activations(req), response).ByteSize()
     assert actual <= bound <= 3 * actual + 2000  # an upper bound, and not a wild one
     tight = limited(engine, max_response_bytes=bound - 1)
     with pytest.raises(OutOfRange) as e:

@@ -96,7 +96,7 @@ def logits(engine: Engine, ids: list[int], edits: list[t.Intervention], sae_id: 
 
 def test_clamp_to_current_value_is_a_no_op_on_logits(engine: Engine) -> None:
     prompt = t.Prompt(text="Hello")
-    ids = [tok.id for tok in engine.tokenize(prompt).tokens]
+    ids = [tok.id for tok in engine.tokenize(t.TokenizeRequest(prompt)).tokens]
     assert len(ids) == 1  # one position: one clamp value matches the feature everywhere
     values = engine.activations(t.ActivationsRequest(prompts=[prompt], top_k_per_token=3)).prompts[
         0
@@ -113,7 +113,7 @@ def test_clamp_to_current_value_is_a_no_op_on_logits(engine: Engine) -> None:
 
 def test_identity_edits_are_exact_no_ops_on_every_position(engine: Engine) -> None:
     prompt = t.Prompt(text="The cat sat on the mat.")
-    ids = [tok.id for tok in engine.tokenize(prompt).tokens]
+    ids = [tok.id for tok in engine.tokenize(t.TokenizeRequest(prompt)).tokens]
     acts = engine.activations(t.ActivationsRequest([prompt], top_k_per_token=1, sae_id="topk"))
     f1, f2 = acts.prompts[0].token_top_features[1].features[0], 1  # one that fires, one any
     plain = logits(engine, ids, [])
@@ -189,7 +189,7 @@ def test_intervention_errors(engine: Engine, edits: list, error: type, field: st
 def test_disjoint_scopes_on_one_feature_are_allowed(engine: Engine) -> None:
     edits = [Edit(5, "clamp", 3.0, "prompt"), Edit(5, "clamp", -3.0, "generated")]
     prompt = t.Prompt(text="Hi there")
-    n = len(engine.tokenize(prompt).tokens)
+    n = len(engine.tokenize(t.TokenizeRequest(prompt)).tokens)
     req = t.GenerateRequest(
         prompt=prompt,
         interventions=edits,

@@ -15,6 +15,7 @@ Imports only ``saescope.client`` (grpcio + protobuf), never torch or ray. Errors
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -23,11 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from saescope.cli import query_output as out
-from saescope.client import Client, Intervention, SaescopeError, TokenEvent
+from saescope.client import Client, Intervention, SaescopeError, TokenEvent, inputs
 from saescope.client._channel import DEFAULT_TIMEOUT, ENV_API_KEY, ENV_TARGET
-from saescope.client.inputs import AGGREGATIONS, SCOPES, ChatMessage, PromptLike
+from saescope.client.inputs import AGGREGATIONS, MODES, SCOPES, ChatMessage, PromptLike
 
 Handler = Callable[[Client, argparse.Namespace], None]
+
+
+def _mode_help(mode: str) -> str:
+    """What ``steer --MODE`` does: the first sentence of the SDK's constructor of that mode
+    (``saescope.client.clamp``: "Set ``feature`` to ``value``…" → "set feature F to V")."""
+    doc = (getattr(inputs, mode).__doc__ or "").split(".")[0].split(" (")[0]
+    for word, letter in (("``feature``", "feature F"), ("``value``", "V"), ("``factor``", "V")):
+        doc = doc.replace(word, letter)
+    return doc[:1].lower() + doc[1:]
+
+
+def _takes_value(mode: str) -> bool:
+    """Whether the mode's SDK constructor takes a value (``ablate`` does not)."""
+    return len(inspect.signature(getattr(inputs, mode)).parameters) > 2
 
 
 def register(subparsers: Any) -> None:
@@ -65,20 +80,15 @@ def register(subparsers: Any) -> None:
     p = command("steer", _steer, "generate with features steered (streamed)")
     _prompt_options(p, many=False)
     _sae_option(p)
-    for mode, meta, what in (
-        ("clamp", "F=V", "set feature F to V"),
-        ("add", "F=V", "add V to feature F"),
-        ("multiply", "F=V", "multiply feature F by V"),
-        ("ablate", "F", "set feature F to 0"),
-    ):
+    for mode in MODES:  # one flag per intervention mode, from the SDK's constructors
         p.add_argument(
             f"--{mode}",
             dest="interventions",
             action="append",
             type=_intervention_parser(mode),
             default=[],
-            metavar=meta + "[@SCOPE]",
-            help=f"{what}; SCOPE: {', '.join(SCOPES)} (default all). Repeatable.",
+            metavar=_intervention_form(mode) + "[@SCOPE]",
+            help=f"{_mode_help(mode)}; SCOPE: {', '.join(SCOPES)} (default all). Repeatable.",
         )
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -169,18 +179,21 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
 
 
+def _intervention_form(mode: str) -> str:
+    return "F=V" if _takes_value(mode) else "F"
+
+
 def _intervention_parser(mode: str) -> Callable[[str], Intervention]:
     def parse(text: str) -> Intervention:
         spec, _, scope = text.partition("@")
         feature, _, value = spec.partition("=")
         try:
-            if (mode == "ablate") == bool(value):
+            if _takes_value(mode) != bool(value):
                 raise ValueError
             return Intervention(int(feature), mode, float(value or 0.0), scope or "all")  # type: ignore[arg-type]
         except (ValueError, SaescopeError):
-            form = "F" if mode == "ablate" else "F=V"
             raise argparse.ArgumentTypeError(
-                f"expected {form}[@{'|'.join(SCOPES)}], got {text!r}"
+                f"expected {_intervention_form(mode)}[@{'|'.join(SCOPES)}], got {text!r}"
             ) from None
 
     return parse

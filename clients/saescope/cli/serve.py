@@ -241,6 +241,7 @@ def ensure_default_sae(train_config: str | Path) -> Path:
     """The default SAE's checkpoint, trained once with ``train_config`` (a shipped config's name
     or a file) if absent."""
     from saescope.cli import presets
+    from saescope.training.atomic import atomic_directory
 
     target = default_sae_dir()
     if (target / "saescope.json").is_file():
@@ -256,11 +257,8 @@ def ensure_default_sae(train_config: str | Path) -> Path:
         )
         _train(train_config, run_dir)
     # Copy into a temporary sibling, then rename: the SAE directory is complete or absent.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final, tmp)
-    tmp.rename(target)
+    with atomic_directory(target) as tmp:
+        shutil.copytree(final, tmp, dirs_exist_ok=True)
     return target
 
 

@@ -21,7 +21,6 @@ import grpc
 from grpc import aio
 
 from saescope.api.v1 import saescope_pb2 as pb
-from saescope.client import _convert
 from saescope.client._channel import Attempts
 from saescope.client.errors import Internal, SaescopeError, from_rpc_error
 from saescope.client.results import GenerationResult, TokenEvent
@@ -33,10 +32,12 @@ StreamItem: TypeAlias = TokenEvent | GenerationResult
 class _StreamState:
     """Retry bookkeeping and the final result, shared by both stream kinds."""
 
-    def __init__(self, attempts: Attempts, logprobs: bool) -> None:
+    def __init__(
+        self, attempts: Attempts, decode: Callable[[pb.GenerateSteeredEvent], StreamItem]
+    ) -> None:
         self._attempts = attempts
         self._deadline = attempts.deadline
-        self._logprobs = logprobs
+        self._decode = decode
         self._received = False
         self._done = False
         self.result: GenerationResult | None = None
@@ -52,7 +53,7 @@ class _StreamState:
 
     def _item(self, message: pb.GenerateSteeredEvent) -> StreamItem:
         self._received = True
-        item = _convert.event(message, self._logprobs)
+        item = self._decode(message)
         if isinstance(item, GenerationResult):
             self.result = item
         return item
@@ -70,9 +71,9 @@ class TokenStream(_StreamState, Iterator[StreamItem]):
         self,
         start: Callable[[float | None], Any],
         attempts: Attempts,
-        logprobs: bool,
+        decode: Callable[[pb.GenerateSteeredEvent], StreamItem],
     ) -> None:
-        super().__init__(attempts, logprobs)
+        super().__init__(attempts, decode)
         self._start = start
         self._call: Any = None
 
@@ -127,9 +128,9 @@ class AsyncTokenStream(_StreamState, AsyncIterator[StreamItem]):
         self,
         start: Callable[[float | None], Awaitable[Any]],
         attempts: Attempts,
-        logprobs: bool,
+        decode: Callable[[pb.GenerateSteeredEvent], StreamItem],
     ) -> None:
-        super().__init__(attempts, logprobs)
+        super().__init__(attempts, decode)
         self._start = start
         self._call: Any = None
 

@@ -21,6 +21,7 @@ about one slice of a big call, not all of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,9 +40,14 @@ from saescope.service.types import (
     Sparse,
 )
 from saescope.training import models
-from saescope.training.sae import SAE
 
-AGGREGATIONS: tuple[Aggregation, ...] = ("max", "mean", "sum")
+AGGREGATES: dict[str, Callable[[Tensor], Tensor]] = {
+    "max": lambda f: f.max(dim=0).values,
+    "mean": lambda f: f.mean(dim=0),
+    "sum": lambda f: f.sum(dim=0),
+}
+"""Aggregation (a word of the API's vocabulary) → features ``(T', d_sae)`` → ``(d_sae,)``."""
+AGGREGATIONS = tuple(AGGREGATES)
 DEFAULT_MAX_BATCH_TOKENS = 16384
 # The fixed work of one forward pass, in tokens' worth of compute (``_chunks`` weighs padding
 # against it): small on a CPU, where time grows with tokens from a few on; large on a GPU, where
@@ -204,22 +210,11 @@ def _chunks(ids_list: list[list[int]], max_batch_tokens: int, forward_cost: int)
 
 
 # ---- features and their summaries ---------------------------------------------------------------
-@torch.inference_mode()
-def encode(sae: SAE, x: Tensor) -> Tensor:
-    """Features ``(T, d_sae)`` of residuals ``(T, d_in)``."""
-    return sae.encode(x)
-
-
 def aggregate(f: Tensor, include: Tensor, how: Aggregation) -> Tensor:
     """Per-feature aggregate ``(d_sae,)`` over the tokens ``include (T,)`` selects; 0 if none."""
     if not bool(include.any()):
         return f.new_zeros(f.shape[-1])
-    sel = f[include]  # (T', d_sae)
-    if how == "max":
-        return sel.max(dim=0).values
-    if how == "mean":
-        return sel.mean(dim=0)
-    return sel.sum(dim=0)
+    return AGGREGATES[how](f[include])  # (T', d_sae) → (d_sae,)
 
 
 def top_active(values: Tensor, k: int) -> Sparse:

@@ -1,15 +1,18 @@
 """The Ray Serve application: the ``SaeScope`` deployment, one method per RPC, and its builder.
 
-Thin by design (DESIGN §2). Serve's gRPC proxy calls the method named as the RPC with the
-request message; each method converts it (``convert``), hands it to the engine off the event
-loop, and converts the result back. ``_call`` is the one place where errors become gRPC status
-codes: a ``SaescopeError`` becomes its ``code`` with its message as details; anything else
-becomes INTERNAL with a short message, its traceback only in the replica's log — or
-UNAVAILABLE once the replica is shutting down (the call failed because the replica went away:
-retrying reaches another one). Ray 2.60's replica wraps an exception raised after
-``grpc_context.set_code`` in ``gRPCStatusError``, and its proxy sends that code and those
-details — in unary calls and mid-stream alike. Failures the replica never sees (it died, the
-request could not be parsed) are mapped in the proxy (``proxy_errors``).
+Thin by design (DESIGN §2), and it sees the engine only as ``types.EngineClient``. Serve's
+gRPC proxy calls the method named as the RPC with the request message; each method converts it
+(``convert``, by shape), hands it to the engine off the event loop, and converts the result
+back. The RPCs that are one engine call (``types.UNARY_RPCS``: Tokenize, GetFeature, contrast
+search) get that method from ``_unary_rpc``; the others are written out below.
+``_call`` is the one place where errors become gRPC status codes: a ``SaescopeError`` becomes
+its ``code`` with its message as details; anything else becomes INTERNAL with a short message,
+its traceback only in the replica's log — or UNAVAILABLE once the replica is shutting down (the
+call failed because the replica went away: retrying reaches another one). Ray 2.60's replica
+wraps an exception raised after ``grpc_context.set_code`` in ``gRPCStatusError``, and its proxy
+sends that code and those details — in unary calls and mid-stream alike. Failures the replica
+never sees (it died, the request could not be parsed) are mapped in the proxy
+(``proxy_errors``).
 
 ``_call`` also checks access first (``access``: API keys, several at once; without keys, only
 loopback callers). GetInfo is answered from a response built once at start, on the event loop:
@@ -37,9 +40,11 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 import grpc
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 from ray import serve
 from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
@@ -53,8 +58,11 @@ from saescope.service.errors import INTERNAL_DETAILS, SaescopeError, Unavailable
 from saescope.service.generation_io import Generations
 from saescope.service.metrics import ServiceMetrics
 from saescope.service.types import (
+    UNARY_RPCS,
     ActivationsRequest,
     ActivationsResult,
+    EngineClient,
+    GenerateRequest,
     GenerateResult,
     PromptActivations,
 )
@@ -69,7 +77,37 @@ class RpcFailed(Exception):
     """Raised once the call's status code and details are set on its context."""
 
 
+def _unary_rpc(rpc: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """The app's method for an RPC that one ``EngineClient`` method answers alone: decode the
+    request by shape, call the engine off the event loop, encode the result by shape."""
+    request_type = get_type_hints(method)["req"]
+    response_type = GetMessageClass(
+        pb.DESCRIPTOR.services_by_name["SaeScope"].methods_by_name[rpc].output_type
+    )
+    name = method.__name__
+
+    async def call(self: SaeScope, request: Message, grpc_context: RayServegRPCContext) -> Message:
+        async with self._call(rpc, grpc_context):
+            req = convert.request(request, request_type)
+            return convert.response(
+                await self._run(getattr(self._engine, name), req), response_type
+            )
+
+    call.__name__ = call.__qualname__ = rpc
+    call.__doc__ = f"``{rpc}``: ``EngineClient.{name}``, converted by shape."
+    return call
+
+
+def _with_unary_rpcs(cls: type[R]) -> type[R]:
+    """Give the deployment a method per ``UNARY_RPCS`` entry, named as the RPC (what Serve's
+    gRPC proxy calls)."""
+    for rpc, method in UNARY_RPCS.items():
+        setattr(cls, rpc, _unary_rpc(rpc, method))
+    return cls
+
+
 @serve.deployment(name="SaeScope")
+@_with_unary_rpcs
 class SaeScope:
     """Hosts the model and its SAEs; answers ``saescope.api.v1.SaeScope``."""
 
@@ -87,7 +125,7 @@ class SaeScope:
         self._pool = ThreadPoolExecutor(
             max_workers=cfg.max_ongoing_requests, thread_name_prefix="engine"
         )
-        self._engine = Engine(
+        self._engine: EngineClient = Engine(
             cfg.model,
             {k: str(v) for k, v in cfg.sae_paths.items()},
             device=cfg.device,
@@ -112,7 +150,7 @@ class SaeScope:
             max_batch_cost=self._engine.slice_tokens,
         )
         # Static for the replica's life (model, SAEs, limits, version): built once.
-        self._info = convert.info_response(self._engine.info())
+        self._info = convert.response(self._engine.info(), pb.GetInfoResponse)
         logger.info("saescope: serving %s with SAEs %s", cfg.model, sorted(cfg.sae_paths))
 
     def __del__(self) -> None:
@@ -130,33 +168,26 @@ class SaeScope:
         async with self._call("GetInfo", grpc_context):
             return self._info
 
-    async def Tokenize(
-        self, request: pb.TokenizeRequest, grpc_context: RayServegRPCContext
-    ) -> pb.TokenizeResponse:
-        async with self._call("Tokenize", grpc_context):
-            prompt = convert.tokenize_request(request)
-            return convert.tokenize_response(await self._run(self._engine.tokenize, prompt))
-
     async def GetFeatureActivations(
         self, request: pb.GetFeatureActivationsRequest, grpc_context: RayServegRPCContext
     ) -> pb.GetFeatureActivationsResponse:
         async with self._call("GetFeatureActivations", grpc_context):
-            result = await self._activations(convert.activations_request(request))
+            result = await self._activations(convert.request(request, ActivationsRequest))
             tokens = sum(len(p.tokens) for p in result.prompts)
             self._metrics.tokens("GetFeatureActivations", tokens_in=tokens)
-            return convert.activations_response(result)
+            return convert.response(result, pb.GetFeatureActivationsResponse)
 
     async def GenerateSteered(
         self, request: pb.GenerateSteeredRequest, grpc_context: RayServegRPCContext
     ) -> pb.GenerateSteeredResponse:
         async with self._call("GenerateSteered", grpc_context):
-            req = convert.generate_request(request)
+            req = convert.request(request, GenerateRequest)
             result: GenerateResult | None = None
             async for item in self._generation.stream(req, "GenerateSteered"):
                 if isinstance(item, GenerateResult):
                     result = item
             assert result is not None, "a generation stream ends with its result"
-            return convert.generate_response(result)
+            return convert.response(result, pb.GenerateSteeredResponse)
 
     async def StreamGenerateSteered(
         self, request: pb.GenerateSteeredRequest, grpc_context: RayServegRPCContext
@@ -164,23 +195,9 @@ class SaeScope:
         # An async generator: when the client cancels (or its deadline passes), Serve cancels
         # this task; closing the stream cancels the engine's handle, and decoding stops.
         async with self._call("StreamGenerateSteered", grpc_context):
-            req = convert.generate_request(request)
+            req = convert.request(request, GenerateRequest)
             async for item in self._generation.stream(req, "StreamGenerateSteered"):
                 yield convert.generate_event(item)
-
-    async def SearchFeaturesByContrast(
-        self, request: pb.SearchFeaturesByContrastRequest, grpc_context: RayServegRPCContext
-    ) -> pb.SearchFeaturesByContrastResponse:
-        async with self._call("SearchFeaturesByContrast", grpc_context):
-            req = convert.contrast_request(request)
-            return convert.contrast_response(await self._run(self._engine.contrast, req))
-
-    async def GetFeature(
-        self, request: pb.GetFeatureRequest, grpc_context: RayServegRPCContext
-    ) -> pb.GetFeatureResponse:
-        async with self._call("GetFeature", grpc_context):
-            req = convert.feature_request(request)
-            return convert.feature_response(await self._run(self._engine.feature, req))
 
     # ---- operations (reachable through a DeploymentHandle, not over gRPC) ----------------------
     async def stats(self) -> dict[str, int]:

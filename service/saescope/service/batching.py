@@ -90,11 +90,6 @@ class ForwardBatcher(Generic[In, Out]):
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
-    @property
-    def waiting(self) -> int:
-        """Callers with parts waiting for a batch (a part running does not count)."""
-        return len(self._queue)
-
     async def submit(self, item: In) -> Out:
         """One item's result."""
         return (await self.submit_all([item]))[0]

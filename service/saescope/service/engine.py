@@ -49,16 +49,17 @@ from saescope.service.types import (
     Branch,
     ContrastRequest,
     ContrastResult,
+    EngineClient,
     FeatureRequest,
     FeatureResult,
     GenerateRequest,
     GenerateResult,
     Info,
     Limits,
-    Prompt,
     PromptActivations,
     TokenEvent,
     Tokenized,
+    TokenizeRequest,
 )
 from saescope.training import models
 
@@ -70,7 +71,7 @@ def _version() -> str:
         return "unknown"
 
 
-class Engine:
+class Engine(EngineClient):
     """A model and its SAEs, serving every RPC; see the module docstring."""
 
     def __init__(
@@ -149,8 +150,8 @@ class Engine:
             version=_version(),
         )
 
-    def tokenize(self, prompt: Prompt) -> Tokenized:
-        return prompts.encode(self.rt, prompt, "prompt", self.prompt_limits).tokenized
+    def tokenize(self, req: TokenizeRequest) -> Tokenized:
+        return prompts.encode(self.rt, req.prompt, "prompt", self.prompt_limits).tokenized
 
     # ---- GetFeatureActivations -------------------------------------------------------------------
     def activations(self, req: ActivationsRequest) -> ActivationsResult:

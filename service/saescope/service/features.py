@@ -21,7 +21,7 @@ from torch import Tensor
 
 from saescope.service.errors import InvalidArgument, OutOfRange
 from saescope.service.runtime import LoadedSae, ModelRuntime
-from saescope.service.types import FeatureRequest, FeatureResult, Limits, TokenScore
+from saescope.service.types import FeatureRequest, FeatureResult, Limits, Neighbour, TokenScore
 
 DEFAULT_COUNT = 10
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm")
@@ -88,7 +88,7 @@ def feature_info(
         promoted=_scores(rt, up.indices, up.values),
         suppressed=_scores(rt, down.indices, -down.values),
         nearest=[
-            (int(f), float(c))
+            Neighbour(int(f), float(c))
             for f, c in zip(near.indices.tolist(), near.values.tolist(), strict=True)
         ],
         top_examples=[],

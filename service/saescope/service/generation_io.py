@@ -17,10 +17,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from typing import Any
 
 from saescope.service.metrics import ServiceMetrics
-from saescope.service.types import GenerateRequest, GenerateResult, TokenEvent
+from saescope.service.types import EngineClient, GenerateRequest, GenerateResult, TokenEvent
 
 Item = TokenEvent | GenerateResult
 
@@ -28,7 +27,7 @@ Item = TokenEvent | GenerateResult
 class Generations:
     """The app's side of the engine's generation: streams, counters, metrics."""
 
-    def __init__(self, engine: Any, pool: Executor, metrics: ServiceMetrics) -> None:
+    def __init__(self, engine: EngineClient, pool: Executor, metrics: ServiceMetrics) -> None:
         self._engine = engine
         self._pool = pool
         self._metrics = metrics

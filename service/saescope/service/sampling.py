@@ -140,11 +140,6 @@ def choose(logits: Tensor, plan: SamplingPlan, generator: torch.Generator | None
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def logprob(logits: Tensor, token: int) -> float:
-    """log p(token) under the raw logits ``(V,)`` (temperature 1)."""
-    return float(logits.float().log_softmax(-1)[token])
-
-
 class TextStream:
     """Incremental detokenisation of a completion, with stop strings."""
 

@@ -6,9 +6,11 @@ The paper's method keeps the SAE's error term (Templeton et al. 2024, §"Feature
     x' = x + dec(f') − dec(f) = x + Σ_j (f'_j − f_j) W_dec,j        (b_dec cancels)
 
 so only the edited features' share of ``x`` changes, and clamping a feature to its current value
-is an exact no-op. Modes: clamp (f' = v), add (f + v), multiply (f · v), ablate (0). Scopes:
-``all`` positions, ``prompt`` positions (the prefill), or ``generated`` positions (tokens the
-model generated, fed back one per decode step).
+is an exact no-op. What each mode does is one table, ``EDITS`` (name → function of the feature's
+value and the intervention's); where each scope applies is another, ``SCOPE_PHASES``: the
+prompt's positions (the prefill), the ``generated`` positions (tokens the model generated, fed
+back one per decode step), or both. Their keys are the words of the API's vocabularies
+(``saescope.api.v1.vocabulary``; a test keeps them equal), and nothing depends on their order.
 
 Batched decoding gives every row its own edits, so edits travel as padded tensors
 (``EditBatch``): per row, its distinct features ``U`` and its edits ``M`` (each naming one of
@@ -20,7 +22,7 @@ after the edit — the trace.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +36,21 @@ from saescope.service.types import Intervention, Limits
 from saescope.training import models
 from saescope.training.sae import SAE
 
-MODES = ("clamp", "add", "multiply", "ablate")
-SCOPES = ("all", "prompt", "generated")
+EDITS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "clamp": lambda f, v: v.expand_as(f),  # f' = v
+    "add": lambda f, v: f + v,  # f' = f + v
+    "multiply": lambda f, v: f * v,  # f' = f · v
+    "ablate": lambda f, v: torch.zeros_like(f),  # f' = 0
+}
+"""Mode → the edited value ``f'`` of features ``f`` given intervention values ``v``."""
+SCOPE_PHASES: dict[str, frozenset[str]] = {
+    "all": frozenset({"prompt", "generated"}),
+    "prompt": frozenset({"prompt"}),
+    "generated": frozenset({"generated"}),
+}
+"""Scope → the phases it applies in: ``prompt`` (prefill) and ``generated`` (decode steps)."""
+MODES = tuple(EDITS)
+SCOPES = tuple(SCOPE_PHASES)
 # Largest |value| of an intervention. Feature values are in model units, and residual norms of
 # language models are O(1–1000): 1e4 is far past any useful steering, and keeps the edit finite
 # in float16 (max 65504). Edits inside the bound can still blow a model up (NaN logits); the
@@ -63,7 +78,7 @@ def validate_interventions(
                 f"must be finite with |value| ≤ {MAX_INTERVENTION_VALUE:g}, got {iv.value:g}",
             )
         for j, scope in seen.get(iv.feature, []):
-            if "all" in (scope, iv.scope) or scope == iv.scope:
+            if SCOPE_PHASES[scope] & SCOPE_PHASES[iv.scope]:
                 raise InvalidArgument(
                     where,
                     f"feature {iv.feature} is already edited by interventions[{j}] "
@@ -99,8 +114,8 @@ class EditBatch:
     target: Tensor  # (b, M) index into the row's feats (padding: 0)
     mode: Tensor  # (b, M) index into MODES
     value: Tensor  # (b, M)
-    scope: Tensor  # (b, M) index into SCOPES
-    valid: Tensor  # (b, M) False for padding
+    in_prompt: Tensor  # (b, M) the edit applies in the prefill (False for padding)
+    in_generated: Tensor  # (b, M) the edit applies at decode steps (False for padding)
 
     @staticmethod
     def build(
@@ -112,18 +127,18 @@ class EditBatch:
         feats = torch.zeros((b, u), dtype=torch.long)
         target = torch.zeros((b, m), dtype=torch.long)
         mode = torch.zeros((b, m), dtype=torch.long)
-        scope = torch.zeros((b, m), dtype=torch.long)
         value = torch.zeros((b, m), dtype=torch.float32)
-        valid = torch.zeros((b, m), dtype=torch.bool)
+        in_prompt = torch.zeros((b, m), dtype=torch.bool)
+        in_generated = torch.zeros((b, m), dtype=torch.bool)
         for i, (_, r) in enumerate(rows):
             feats[i, : len(r.features)] = torch.tensor(r.features, dtype=torch.long)
             slot = {f: k for k, f in enumerate(r.features)}
             for j, iv in enumerate(r.edits):
                 target[i, j] = slot[iv.feature]
                 mode[i, j] = MODES.index(iv.mode)
-                scope[i, j] = SCOPES.index(iv.scope)
                 value[i, j] = iv.value
-                valid[i, j] = True
+                in_prompt[i, j] = "prompt" in SCOPE_PHASES[iv.scope]
+                in_generated[i, j] = "generated" in SCOPE_PHASES[iv.scope]
         return EditBatch(
             rows=torch.tensor([i for i, _ in rows], dtype=torch.long, device=device),
             feats=feats.to(device),
@@ -131,8 +146,8 @@ class EditBatch:
             target=target.to(device),
             mode=mode.to(device),
             value=value.to(device=device, dtype=dtype),
-            scope=scope.to(device),
-            valid=valid.to(device),
+            in_prompt=in_prompt.to(device),
+            in_generated=in_generated.to(device),
         )
 
 
@@ -154,11 +169,10 @@ def apply_edits(
     f_t = f_u.gather(-1, target)  # (b, T, M): each edit's feature before the edit
     v = eb.value[:, None, :]  # (b, 1, M)
     mode = eb.mode[:, None, :]
-    new = torch.where(
-        mode == 0, v, torch.where(mode == 1, f_t + v, torch.where(mode == 2, f_t * v, 0.0))
-    )
-    phase = SCOPES.index("generated" if generated else "prompt")
-    applies = eb.valid & ((eb.scope == 0) | (eb.scope == phase))  # (b, M)
+    new = f_t
+    for index, edit in enumerate(EDITS.values()):  # MODES is this table's order
+        new = torch.where(mode == index, edit(f_t, v), new)
+    applies = eb.in_generated if generated else eb.in_prompt  # (b, M)
     if not bool(applies.any()):
         return h, f_u, f_u  # nothing applies in this phase: leave h bit-identical
     delta_m = torch.where(applies[:, None, :], new - f_t, 0.0)  # (b, T, M)

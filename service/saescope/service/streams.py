@@ -38,8 +38,6 @@ class GenerationHandle:
 
     def __init__(self, request_id: str, on_cancel: Callable[[str], None] | None = None) -> None:
         self.request_id = request_id
-        self.submitted_at = time.monotonic()
-        self.first_token_at: float | None = None  # for time-to-first-token metrics
         self._on_cancel = on_cancel
         self._items: deque[Item | SaescopeError | _End] = deque()
         self._cond = threading.Condition()
@@ -54,8 +52,6 @@ class GenerationHandle:
 
     def put(self, item: Item | SaescopeError) -> None:
         """Add an event; a result or an error is the last one."""
-        if isinstance(item, TokenEvent) and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
         self._push(item, last=not isinstance(item, TokenEvent))
 
     def _push(self, item: Item | SaescopeError | _End, *, last: bool) -> None:

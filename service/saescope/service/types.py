@@ -1,15 +1,27 @@
-"""Domain types of the engine: what the RPCs take and return, free of protobuf and Ray.
+"""The engine's surface: what the RPCs take and return, and ``EngineClient``, free of protobuf
+and Ray.
 
 The conversion module (``saescope.service.convert``) maps these to and from the wire types of
-``saescope.api.v1``; the engine works on these alone. Dense arrays are float32 numpy arrays.
+``saescope.api.v1`` by shape: a field here has its wire field's name, and its enum-valued
+``Literal``s are the words of that enum's vocabulary (``saescope.api.v1.vocabulary``; a test
+keeps them equal). The engine works on these alone. Dense arrays are float32 numpy arrays.
+
+``EngineClient`` is the engine as the Ray app sees it (as vLLM's front end sees its
+``EngineClient``): the app depends on it, never on ``Engine``'s insides. ``UNARY_RPCS`` lists
+the RPCs that are one engine call on one request; the app serves each of them by shape alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from saescope.service.activations import ActivationsPart, ActivationsPlan
+    from saescope.service.streams import GenerationHandle
 
 Aggregation = Literal["max", "mean", "sum"]
 InterventionMode = Literal["clamp", "add", "multiply", "ablate"]
@@ -41,6 +53,11 @@ class Token:
     start: int  # character span in the rendered text; -1 where unknown
     end: int
     special: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    prompt: Prompt
 
 
 @dataclass(frozen=True)
@@ -259,6 +276,12 @@ class TokenScore:
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    feature: int
+    cosine: float  # between decoder directions
+
+
+@dataclass(frozen=True)
 class ActivatingExample:
     tokens: list[Token]
     values: list[float]
@@ -275,6 +298,63 @@ class FeatureResult:
     density: float | None
     promoted: list[TokenScore]
     suppressed: list[TokenScore]
-    nearest: list[tuple[int, float]]  # (feature, cosine)
+    nearest: list[Neighbour]  # highest cosine first
     top_examples: list[ActivatingExample]
     direction: np.ndarray | None  # (d_in,) float32
+
+
+# ---- the engine's interface ---------------------------------------
+class DecodeQueue(Protocol):
+    """What the app reads of the engine's decode batcher (stats and metrics)."""
+
+    @property
+    def active_rows(self) -> int: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def steps(self) -> int: ...
+
+
+class EngineClient(Protocol):
+    """The engine as the Ray app sees it; ``saescope.service.engine.Engine`` implements it.
+
+    Calls block (the app runs them on worker threads); errors are ``errors.SaescopeError``.
+    """
+
+    slice_tokens: int
+    """Tokens per part of an activation call: what the app's forward batcher interleaves."""
+    batcher: DecodeQueue
+
+    def info(self) -> Info: ...
+
+    def tokenize(self, req: TokenizeRequest) -> Tokenized: ...
+
+    def plan_activations(self, req: ActivationsRequest) -> ActivationsPlan:
+        """Validate and tokenise; the plan's ``parts`` go to ``run_activation_parts``."""
+        ...
+
+    def run_activation_parts(self, parts: list[ActivationsPart]) -> list[list[PromptActivations]]:
+        """Per part, its prompts' activations (parts of several calls, batched together)."""
+        ...
+
+    def submit_generate(
+        self, req: GenerateRequest, request_id: str | None = None
+    ) -> GenerationHandle:
+        """Validate and queue a generation; iterate the handle for its events."""
+        ...
+
+    def contrast(self, req: ContrastRequest) -> ContrastResult: ...
+
+    def feature(self, req: FeatureRequest) -> FeatureResult: ...
+
+    def close(self) -> None: ...
+
+
+UNARY_RPCS: dict[str, Callable[..., Any]] = {
+    "Tokenize": EngineClient.tokenize,
+    "SearchFeaturesByContrast": EngineClient.contrast,
+    "GetFeature": EngineClient.feature,
+}
+"""RPC → the ``EngineClient`` method that answers it alone, on the request's domain type."""

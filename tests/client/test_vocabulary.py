@@ -1,0 +1,176 @@
+"""The drift check of issue 12 ("one word, one place"): every layer speaks the .proto's words.
+
+``saescope.api.v1.vocabulary`` reads the API's vocabularies (intervention modes, scopes,
+aggregations, finish reasons, stream branches) from the enums of ``saescope.proto``. Each layer
+that spells those words out — the service's domain ``Literal``s and dispatch tables, the SDK's
+word tuples, ``Literal``s and constructors, the CLI's ``steer`` flags, the Node client's
+constructors — is compared with them here, so a value added to (or removed from) the .proto,
+e.g. a ``MODE_SCALE``, fails a test in every layer that does not handle it yet.
+
+Fast: no service is started (the service modules are imported, which imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import shutil
+import subprocess
+import typing
+from pathlib import Path
+
+import pytest
+
+import saescope.client
+from saescope.api.v1 import vocabulary
+from saescope.api.v1.vocabulary import Vocabulary
+from saescope.cli import query
+from saescope.cli.main import build_parser
+from saescope.client import inputs, results
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
+
+
+# ---- service --------------------------------------------------------------------------------
+def test_service_domain_literals() -> None:
+    from saescope.service import types
+
+    assert typing.get_args(types.InterventionMode) == vocabulary.MODE.words
+    assert typing.get_args(types.InterventionScope) == vocabulary.SCOPE.words
+    assert typing.get_args(types.Aggregation) == vocabulary.AGGREGATION.words
+    assert typing.get_args(types.Branch) == vocabulary.BRANCH.words
+    # the service always says why a completion ended: never "unspecified" (number 0)
+    finish = vocabulary.FINISH_REASON
+    assert typing.get_args(types.FinishReason) == tuple(
+        w for w in finish.words if w != finish.unspecified
+    )
+
+
+def test_service_dispatch_tables() -> None:
+    from saescope.service import activations, steering
+
+    assert tuple(steering.EDITS) == vocabulary.MODE.words
+    assert tuple(steering.SCOPE_PHASES) == vocabulary.SCOPE.words
+    assert tuple(activations.AGGREGATES) == vocabulary.AGGREGATION.words
+
+
+# ---- SDK ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("words", "vocab"),
+    [
+        (inputs.MODES, vocabulary.MODE),
+        (inputs.SCOPES, vocabulary.SCOPE),
+        (inputs.AGGREGATIONS, vocabulary.AGGREGATION),
+        (typing.get_args(inputs.InterventionMode), vocabulary.MODE),
+        (typing.get_args(inputs.Scope), vocabulary.SCOPE),
+        (typing.get_args(inputs.Aggregation), vocabulary.AGGREGATION),
+    ],
+    ids=["MODES", "SCOPES", "AGGREGATIONS", "InterventionMode", "Scope", "Aggregation"],
+)
+def test_sdk_words(words: tuple[str, ...], vocab: Vocabulary) -> None:
+    assert words == vocab.words
+
+
+def test_sdk_result_literals() -> None:
+    # a client may talk to a server that did not say why: "unspecified" is a word here (order
+    # aside: the SDK lists it last)
+    assert set(typing.get_args(results.FinishReason)) == set(vocabulary.FINISH_REASON.words)
+    assert len(typing.get_args(results.FinishReason)) == len(vocabulary.FINISH_REASON.words)
+    assert typing.get_args(results.Branch) == vocabulary.BRANCH.words
+
+
+@pytest.mark.parametrize("mode", vocabulary.MODE.words)
+def test_sdk_has_a_public_constructor_per_mode(mode: str) -> None:
+    assert mode in saescope.client.__all__
+    construct = getattr(saescope.client, mode)
+    required = [
+        p
+        for p in inspect.signature(construct).parameters.values()
+        if p.default is inspect.Parameter.empty
+    ]
+    # feature, then the value where the mode takes one (ablate takes none)
+    intervention = construct(3, *[1.0] * (len(required) - 1))
+    assert isinstance(intervention, saescope.client.Intervention)
+    assert intervention.mode == mode and intervention.feature == 3
+    for scope in vocabulary.SCOPE.words:
+        assert construct(3, *[1.0] * (len(required) - 1), scope=scope).scope == scope
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise AssertionError(f"no sub-command {name!r}")
+
+
+def _steer_parser() -> argparse.ArgumentParser:
+    return _subparser(_subparser(build_parser(), "query"), "steer")
+
+
+def test_cli_steer_has_a_flag_per_mode() -> None:
+    steer = _steer_parser()
+    flags = [
+        option
+        for action in steer._actions
+        if action.dest == "interventions"
+        for option in action.option_strings
+    ]
+    assert flags == [f"--{mode}" for mode in vocabulary.MODE.words]
+    for mode in vocabulary.MODE.words:
+        help_text = next(a.help for a in steer._actions if f"--{mode}" in a.option_strings)
+        assert help_text and "feature F" in help_text  # from the SDK constructor's docstring
+        spec = "3=2.5" if query._takes_value(mode) else "3"
+        for scope in vocabulary.SCOPE.words:
+            args = steer.parse_args(["a prompt", f"--{mode}", f"{spec}@{scope}"])
+            (intervention,) = args.interventions
+            assert (intervention.feature, intervention.mode, intervention.scope) == (
+                3,
+                mode,
+                scope,
+            )
+    assert not query._takes_value("ablate") and query._takes_value("clamp")
+
+
+# ---- Node -----------------------------------------------------------------------------------
+NODE_WORDS = """
+const m = require('./index.js');
+process.stdout.write(JSON.stringify({
+  modes: Object.keys(m.interventions),
+  scopes: m.SCOPES,
+  aggregations: m.AGGREGATIONS,
+  sent: Object.fromEntries(Object.entries(m.interventions).map(([w, f]) => [w, f(3).mode])),
+  named: ['clamp', 'add', 'multiply', 'ablate'].map((w) => m[w] === m.interventions[w]),
+  badScope: (() => {
+    try { m.clamp(3, 1, 'nowhere'); } catch (e) { return e.message; }
+  })(),
+}));
+"""
+
+
+def test_node_client_words() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node.js client cannot be tested here")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "proto-loader").is_dir():
+        pytest.skip(
+            f"the Node.js client's dependencies are missing: run `npm install` in {NODE_DIR}"
+        )
+    proc = subprocess.run(
+        [node, "-e", NODE_WORDS], cwd=NODE_DIR, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    words = json.loads(proc.stdout)
+    assert tuple(words["modes"]) == vocabulary.MODE.words
+    assert tuple(words["scopes"]) == vocabulary.SCOPE.words
+    assert tuple(words["aggregations"]) == vocabulary.AGGREGATION.words
+    mode_names = {
+        w: vocabulary.MODE.enum.values_by_number[n].name for w, n in vocabulary.MODE.numbers.items()
+    }
+    assert words["sent"] == mode_names
+    assert all(words["named"])  # the public clamp/add/multiply/ablate exports still hold
+    assert (
+        words["badScope"] == f'scope: "nowhere" is not one of {", ".join(vocabulary.SCOPE.words)}'
+    )

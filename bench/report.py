@@ -30,6 +30,7 @@ ORDER = (
     "train_speed",
     "train_quality",
     "sae_dtype",
+    "wire_convert",
 )
 Result = dict[str, Any]
 

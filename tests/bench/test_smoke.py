@@ -70,3 +70,12 @@ def test_report_renders_results(tmp_path: Path) -> None:
     )
     assert "new" in doc and "old" not in doc
     assert report.plot(res, tmp_path) == tmp_path / "serve_contrast.png"
+
+
+def test_wire_convert_runs(tmp_path: Path) -> None:
+    """The conversion bench runs, and its two converters agree (it asserts so before timing)."""
+    from bench import wire_convert
+
+    wire_convert.main(["--quick", "--out", str(tmp_path), "--no-report"])
+    res = _check(tmp_path, wire_convert.NAME)
+    assert {row["conversion"] for row in res["rows"]} == {"encode activations", "decode contrast"}

@@ -1,5 +1,6 @@
-"""Fixtures of the client tests: SDK clients connected to the real ``serve_instance``, and a
-plain TCP relay that can bring a port up late (for the retry tests).
+"""Fixtures of the client tests: SDK clients connected to the real ``serve_instance``, a
+plain TCP relay that can bring a port up late (for the retry tests), and ``node`` for the Node.js
+client's tests.
 
 No mocks: every call goes over gRPC to the Ray Serve app on the tiny model.
 """
@@ -7,16 +8,33 @@ No mocks: every call goes over gRPC to the Ray Serve app on the tiny model.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from saescope.client import Client, Info
 from tests.support.serve import ServeInstance
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The ``node`` executable; skips, saying why, without it or the client's dependencies."""
+    exe = shutil.which("node")
+    if exe is None:
+        pytest.skip("node is not installed: the Node.js client cannot be tested here")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip(
+            f"the Node.js client's dependencies are missing: run `npm install` in {NODE_DIR}"
+        )
+    return exe
 
 
 @pytest.fixture(scope="session")

@@ -7,28 +7,11 @@ Skipped, saying why, where ``node`` is not installed or ``npm install`` has not 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from saescope.client import Client
+from tests.client.conftest import NODE_DIR
 from tests.support.serve import ServeInstance
-
-NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
-
-
-@pytest.fixture(scope="module")
-def node() -> str:
-    exe = shutil.which("node")
-    if exe is None:
-        pytest.skip("node is not installed: the Node.js client cannot be tested here")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.skip(
-            f"the Node.js client's dependencies are missing: run `npm install` in {NODE_DIR}"
-        )
-    return exe
 
 
 def test_node_example_runs_against_the_service(

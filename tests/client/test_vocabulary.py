@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import shutil
 import subprocess
 import typing
-from pathlib import Path
 
 import pytest
 
@@ -28,8 +26,7 @@ from saescope.api.v1.vocabulary import Vocabulary
 from saescope.cli import query
 from saescope.cli.main import build_parser
 from saescope.client import inputs, results
-
-NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
+from tests.client.conftest import NODE_DIR
 
 
 # ---- service --------------------------------------------------------------------------------
@@ -37,7 +34,7 @@ def test_service_domain_literals() -> None:
     from saescope.service import types
 
     assert typing.get_args(types.InterventionMode) == vocabulary.MODE.words
-    assert typing.get_args(types.InterventionScope) == vocabulary.SCOPE.words
+    assert typing.get_args(types.Scope) == vocabulary.SCOPE.words
     assert typing.get_args(types.Aggregation) == vocabulary.AGGREGATION.words
     assert typing.get_args(types.Branch) == vocabulary.BRANCH.words
     # the service always says why a completion ended: never "unspecified" (number 0)
@@ -150,14 +147,7 @@ process.stdout.write(JSON.stringify({
 """
 
 
-def test_node_client_words() -> None:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed: the Node.js client cannot be tested here")
-    if not (NODE_DIR / "node_modules" / "@grpc" / "proto-loader").is_dir():
-        pytest.skip(
-            f"the Node.js client's dependencies are missing: run `npm install` in {NODE_DIR}"
-        )
+def test_node_client_words(node: str) -> None:
     proc = subprocess.run(
         [node, "-e", NODE_WORDS], cwd=NODE_DIR, capture_output=True, text=True, timeout=60
     )

@@ -95,7 +95,7 @@ EDITS = [
 TRACE = [t.FeatureTrace(7, [0.0, 1.0, 2.0], [8.0, 8.0, 8.0])]
 STEERED = t.Completion("Paris", [TOK[1]], [-0.5], "stop", TRACE)
 BASELINE = t.Completion(" é", [TOK[2]], [-1.25], "length", [])
-GENERATED = t.GenerateResult("l15", TOK, STEERED, BASELINE)
+GENERATED = t.GenerationResult("l15", TOK, STEERED, BASELINE)
 GENERATE = t.GenerateRequest(
     prompt=CHAT_GEN,
     sae_id="l15",
@@ -150,7 +150,7 @@ HIT = t.ContrastHit(
 )
 CONTRAST = t.ContrastResult("l15", [HIT], [], 812)
 
-FEATURE = t.FeatureResult(
+FEATURE = t.Feature(
     sae_id="l15",
     feature=7,
     decoder_norm=1.0,
@@ -161,9 +161,9 @@ FEATURE = t.FeatureResult(
     suppressed=[t.TokenScore(28, " é", -2.0)],
     nearest=[t.Neighbour(9, 0.5), t.Neighbour(3, 0.25)],
     top_examples=[t.ActivatingExample(TOK, [0.0, 2.5, 1.0], 2.5)],
-    direction=np.array([0.6, -0.8, 0.0], dtype=np.float32),
+    direction=[0.6, -0.8, 0.0],
 )
-FEATURE_BARE = t.FeatureResult("l15", 3, 1.0, 0.5, 0.0, None, [], [], [], [], None)
+FEATURE_BARE = t.Feature("l15", 3, 1.0, 0.5, 0.0, None, [], [], [], [], None)
 
 CASES: dict[str, Case] = {
     "info": Case("GetInfo", lambda c: c.info(), None, [INFO]),
@@ -171,13 +171,13 @@ CASES: dict[str, Case] = {
         "Tokenize",
         lambda c: c.tokenize("Hello é"),
         t.TokenizeRequest(PROMPT),
-        [t.Tokenized("<|im_start|>Hello é", TOK)],
+        [t.Tokenization("<|im_start|>Hello é", TOK)],
     ),
     "tokenize_chat": Case(
         "Tokenize",
         lambda c: c.tokenize(chat=CHAT_SDK),
         t.TokenizeRequest(CHAT),
-        [t.Tokenized("x", TOK[:1])],
+        [t.Tokenization("x", TOK[:1])],
     ),
     "activations": Case(
         "GetFeatureActivations",
@@ -206,7 +206,7 @@ CASES: dict[str, Case] = {
         "GenerateSteered",
         lambda c: c.generate("Hello é"),
         GENERATE_PLAIN,
-        [t.GenerateResult("l15", TOK, t.Completion("", [], [], "eos", []))],
+        [t.GenerationResult("l15", TOK, t.Completion("", [], [], "eos", []))],
     ),
     "stream": Case(
         "StreamGenerateSteered",

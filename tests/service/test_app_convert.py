@@ -79,11 +79,11 @@ def test_stream_events_and_optional_fields() -> None:
     assert event.WhichOneof("event") == "token"
     assert event.token.branch == pb.GenerateSteeredEvent.BRANCH_BASELINE
     assert (event.token.index, event.token.logprob, list(event.token.trace)) == (3, 0.0, [1.0])
-    done = t.GenerateResult("s", [tok], t.Completion("a", [tok], [], "eos", []))
+    done = t.GenerationResult("s", [tok], t.Completion("a", [tok], [], "eos", []))
     msg = convert.generate_event(done)
     assert msg.WhichOneof("event") == "done" and not msg.done.HasField("baseline")
     assert msg.done.steered.finish_reason == pb.FINISH_REASON_EOS
-    feature = t.FeatureResult("s", 1, 1.0, 2.0, 0.1, None, [], [], [t.Neighbour(4, 0.5)], [], None)
+    feature = t.Feature("s", 1, 1.0, 2.0, 0.1, None, [], [], [t.Neighbour(4, 0.5)], [], None)
     got = convert.response(feature, pb.GetFeatureResponse)
     assert not got.HasField("density") and not got.HasField("direction")
     assert (got.nearest[0].feature, got.nearest[0].cosine) == (4, 0.5)

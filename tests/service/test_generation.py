@@ -52,11 +52,11 @@ def ids(c: t.Completion | None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def alone(engine: Engine) -> list[t.GenerateResult]:
+def alone(engine: Engine) -> list[t.GenerationResult]:
     return [engine.generate(r) for r in REQUESTS]
 
 
-def test_batched_equals_alone(engine: Engine, alone: list[t.GenerateResult]) -> None:
+def test_batched_equals_alone(engine: Engine, alone: list[t.GenerationResult]) -> None:
     batcher = DecodeBatcher(engine.rt)
     handles = [batcher.submit(engine.plan_generation(r)) for r in REQUESTS]
     batcher.run_until_idle()
@@ -69,7 +69,7 @@ def test_batched_equals_alone(engine: Engine, alone: list[t.GenerateResult]) -> 
     assert ids(alone[0].steered) != ids(alone[0].baseline)
 
 
-def test_rows_join_and_leave_mid_way(engine: Engine, alone: list[t.GenerateResult]) -> None:
+def test_rows_join_and_leave_mid_way(engine: Engine, alone: list[t.GenerationResult]) -> None:
     batcher = DecodeBatcher(engine.rt)
     first = batcher.submit(engine.plan_generation(REQUESTS[2]))  # 12 tokens, short prompt
     for _ in range(3):
@@ -85,9 +85,9 @@ def test_rows_join_and_leave_mid_way(engine: Engine, alone: list[t.GenerateResul
 
 
 def test_concurrent_threads_through_the_engine(
-    engine: Engine, alone: list[t.GenerateResult]
+    engine: Engine, alone: list[t.GenerationResult]
 ) -> None:
-    results: dict[int, t.GenerateResult] = {}
+    results: dict[int, t.GenerationResult] = {}
     barrier = threading.Barrier(len(REQUESTS))
 
     def run(i: int) -> None:
@@ -113,7 +113,7 @@ def test_activations_while_generating(engine: Engine) -> None:
     assert len(handle.result(timeout=60).steered.tokens) == 40
 
 
-def test_baseline_is_plain_greedy_decoding(engine: Engine, alone: list[t.GenerateResult]) -> None:
+def test_baseline_is_plain_greedy_decoding(engine: Engine, alone: list[t.GenerationResult]) -> None:
     res = alone[0]
     prompt = torch.tensor([[tok.id for tok in res.prompt_tokens]])
     with torch.inference_mode():
@@ -140,7 +140,7 @@ def test_logprobs_and_trace(engine: Engine) -> None:
 
 
 def test_seeded_sampling(engine: Engine) -> None:
-    def sample(seed: int | None, edits=(), **kw) -> t.GenerateResult:
+    def sample(seed: int | None, edits=(), **kw) -> t.GenerationResult:
         s = t.Sampling(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=seed, **kw)
         return engine.generate(request("The weather", edits, sampling=s, include_baseline=True))
 
@@ -186,7 +186,7 @@ def test_stream_events(engine: Engine) -> None:
     )
     items = list(engine.generate_stream(req))
     final = items[-1]
-    assert isinstance(final, t.GenerateResult) and final.baseline is not None
+    assert isinstance(final, t.GenerationResult) and final.baseline is not None
     events = [e for e in items if isinstance(e, t.TokenEvent)]
     for branch, completion in (("steered", final.steered), ("baseline", final.baseline)):
         mine = [e for e in events if e.branch == branch]
@@ -204,7 +204,7 @@ def test_async_iteration(engine: Engine) -> None:
         return [item async for item in handle]
 
     items = asyncio.run(main())
-    assert len(items) == 5 and isinstance(items[-1], t.GenerateResult)
+    assert len(items) == 5 and isinstance(items[-1], t.GenerationResult)
 
 
 def test_cancel(engine: Engine) -> None:

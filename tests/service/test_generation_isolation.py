@@ -57,7 +57,7 @@ def engine() -> Engine:
 
 
 @pytest.fixture(scope="module")
-def alone(engine: Engine) -> list[t.GenerateResult]:
+def alone(engine: Engine) -> list[t.GenerationResult]:
     return [engine.generate(r) for r in INNOCENT]
 
 
@@ -90,7 +90,7 @@ def plain(engine: Engine, text: str, **sampling: Any) -> GenerationPlan:
     return engine.plan_generation(req)
 
 
-def check_innocents(handles: list[Any], alone: list[t.GenerateResult]) -> None:
+def check_innocents(handles: list[Any], alone: list[t.GenerationResult]) -> None:
     """Each innocent request ended exactly as it does alone."""
     for handle, want in zip(handles, alone, strict=True):
         got = handle.result(timeout=0)
@@ -141,7 +141,7 @@ def run_with_poison(
     ids=["prefill-with-innocents", "prefill-joining", "decode-with-innocents", "decode-joining"],
 )
 def test_nan_logits_fail_only_their_request(
-    engine: Engine, alone: list[t.GenerateResult], scope: str, join_after: int
+    engine: Engine, alone: list[t.GenerationResult], scope: str, join_after: int
 ) -> None:
     """An edit of inf makes the row's logits NaN: INVALID_ARGUMENT for it, nothing for others.
 
@@ -225,7 +225,7 @@ POISONS: dict[str, Callable[[Engine, pytest.MonkeyPatch], GenerationPlan]] = {
 @pytest.mark.parametrize("join_after", [0, 2])
 def test_a_row_that_raises_fails_alone(
     engine: Engine,
-    alone: list[t.GenerateResult],
+    alone: list[t.GenerationResult],
     monkeypatch: pytest.MonkeyPatch,
     poison: str,
     join_after: int,
@@ -240,7 +240,7 @@ def test_a_row_that_raises_fails_alone(
 
 
 def test_a_prefill_that_raises_fails_only_its_newcomers(
-    engine: Engine, alone: list[t.GenerateResult]
+    engine: Engine, alone: list[t.GenerationResult]
 ) -> None:
     """A prefill forward that raises (out of memory, say) fails the requests it prefilled; the
     running batch's cache is untouched and it decodes on."""

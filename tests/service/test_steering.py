@@ -163,7 +163,7 @@ def test_noop_clamp_through_generation_matches_baseline(engine: Engine) -> None:
         ),
         ([Edit(128, "clamp", 1.0)], NotFound, None),
         ([Edit(-1, "clamp", 1.0)], InvalidArgument, "interventions[0].feature"),
-        ([Edit(1, "scale", 1.0)], InvalidArgument, "interventions[0].mode"),  # type: ignore[arg-type]
+        ([Edit(1, "teleport", 1.0)], InvalidArgument, "interventions[0].mode"),  # type: ignore[arg-type]
         ([Edit(1, "add", float("nan"))], InvalidArgument, "interventions[0].value"),
         ([Edit(1, "add", float("inf"))], InvalidArgument, "interventions[0].value"),
         ([Edit(1, "clamp", 1e38)], InvalidArgument, "interventions[0].value"),  # NaN-prone

@@ -59,6 +59,11 @@ class Call(Generic[R]):
     """For a generation: how a streamed event becomes an item (``streaming``)."""
 
 
+def _by_shape(rpc: str, request: Message, result: type[R], timeout: float | None) -> Call[R]:
+    """A call whose response becomes ``result`` by shape (``saescope.api.v1.shapes``)."""
+    return Call(rpc, request, functools.partial(_convert.result, cls=result), timeout)
+
+
 def _bound(build: Callable[..., Any], run: Callable[..., Any]) -> Callable[..., Any]:
     """``run`` dressed as the method ``build`` describes (name, docstring, signature)."""
     functools.update_wrapper(run, build)
@@ -124,7 +129,7 @@ class Methods:
     @rpc
     def info(self, *, timeout: float | None = None) -> Call[Info]:
         """The model, its SAEs with their metrics, the service's limits and version."""
-        return Call("GetInfo", pb.GetInfoRequest(), lambda m: _convert.result(m, Info), timeout)
+        return _by_shape("GetInfo", pb.GetInfoRequest(), Info, timeout)
 
     @rpc
     def tokenize(
@@ -141,7 +146,7 @@ class Methods:
             raise _convert.invalid("chat", f"expected a list of messages, got {chat!r}")
         value = prompt if prompt is not None else chat
         request = pb.TokenizeRequest(prompt=_convert.prompt(value, "prompt"))  # type: ignore[arg-type]
-        return Call("Tokenize", request, lambda m: _convert.result(m, Tokenization), timeout)
+        return _by_shape("Tokenize", request, Tokenization, timeout)
 
     @rpc
     def activations(
@@ -272,12 +277,7 @@ class Methods:
             top_n=top_n,
             locations_per_hit=locations,
         )
-        return Call(
-            "SearchFeaturesByContrast",
-            request,
-            lambda m: _convert.result(m, ContrastResult),
-            timeout,
-        )
+        return _by_shape("SearchFeaturesByContrast", request, ContrastResult, timeout)
 
     @rpc
     def feature(
@@ -299,4 +299,4 @@ class Methods:
             neighbours=neighbours,
             include_direction=direction,
         )
-        return Call("GetFeature", request, lambda m: _convert.result(m, Feature), timeout)
+        return _by_shape("GetFeature", request, Feature, timeout)

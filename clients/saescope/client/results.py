@@ -1,5 +1,11 @@
 """Typed results of every call: plain frozen dataclasses, free of protobuf.
 
+One dataclass per result shape, with its response message's field names: the SDK decodes
+responses into them by shape, and the service's engine returns them too
+(``saescope.service.types`` imports them), so each shape is written once besides the .proto.
+``TokenActivations``/``PromptActivations``/``Activations`` are the SDK's own (the engine holds
+activations as arrays).
+
 Feature values are in the paper's convention (``f_i · ‖W_dec,i‖``, unit-norm decoder directions,
 model units). Every result has ``to_dict()`` (JSON-ready); the array-shaped ones have
 ``to_numpy()``, which imports numpy only when called (the bare install has no numpy).
@@ -76,29 +82,29 @@ class SaeInfo(_Result):
     metrics: dict[str, float]
     """Training and evaluation metrics (L0, FVU, dead fraction, ...)."""
     tokens_seen: int
-    has_catalog: bool
+    has_catalog: bool = False
     """Whether ``feature()`` returns top activating examples."""
 
 
 @dataclass(frozen=True)
 class Limits(_Result):
-    """The service's limits; calls over them raise ``OutOfRange``."""
+    """The service's limits (defaults: the service's own); calls over them raise ``OutOfRange``."""
 
-    max_prompts: int
-    max_tokens_per_prompt: int
-    max_top_k: int
-    max_new_tokens: int
-    max_features: int
+    max_prompts: int = 64
+    max_tokens_per_prompt: int = 1024
+    max_top_k: int = 256
+    max_new_tokens: int = 512
+    max_features: int = 64
     """Chosen features per activation call, and interventions per generation."""
-    max_contrast_prompts: int
+    max_contrast_prompts: int = 256
     """Prompts per side of a contrast search."""
-    max_stop_strings: int
+    max_stop_strings: int = 16
     """Stop strings per generation."""
-    max_stop_string_chars: int
+    max_stop_string_chars: int = 256
     """Characters of one stop string."""
-    max_tokens_per_call: int
+    max_tokens_per_call: int = 16384
     """Tokens of all prompts of one activation call, or of both sides of a contrast search."""
-    max_response_bytes: int
+    max_response_bytes: int = 3 * 2**20
     """Estimated bytes of one activation response (tokens × (top_k + chosen features))."""
 
 
@@ -272,7 +278,7 @@ class GenerationResult(_Result):
     sae_id: str
     prompt_tokens: list[Token]
     steered: Completion
-    baseline: Completion | None
+    baseline: Completion | None = None
     """The unsteered completion with the same seed, when ``baseline=True``."""
 
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeAlias
 
 import grpc
@@ -30,11 +30,20 @@ StreamItem: TypeAlias = TokenEvent | GenerationResult
 
 
 class _StreamState:
-    """Retry bookkeeping and the final result, shared by both stream kinds."""
+    """Retry bookkeeping and the final result, shared by both stream kinds.
+
+    ``start(remaining_seconds)`` opens the call (sync: the call; async: an awaitable of it);
+    ``decode`` makes a ``StreamItem`` of each event message.
+    """
 
     def __init__(
-        self, attempts: Attempts, decode: Callable[[pb.GenerateSteeredEvent], StreamItem]
+        self,
+        start: Callable[[float | None], Any],
+        attempts: Attempts,
+        decode: Callable[[pb.GenerateSteeredEvent], StreamItem],
     ) -> None:
+        self._start = start
+        self._call: Any = None
         self._attempts = attempts
         self._deadline = attempts.deadline
         self._decode = decode
@@ -66,16 +75,6 @@ class _StreamState:
 
 class TokenStream(_StreamState, Iterator[StreamItem]):
     """A streamed generation (``Client.stream()``); iterate, or ``collect()`` the result."""
-
-    def __init__(
-        self,
-        start: Callable[[float | None], Any],
-        attempts: Attempts,
-        decode: Callable[[pb.GenerateSteeredEvent], StreamItem],
-    ) -> None:
-        super().__init__(attempts, decode)
-        self._start = start
-        self._call: Any = None
 
     def __iter__(self) -> TokenStream:
         return self
@@ -123,16 +122,6 @@ class TokenStream(_StreamState, Iterator[StreamItem]):
 
 class AsyncTokenStream(_StreamState, AsyncIterator[StreamItem]):
     """A streamed generation (``AsyncClient.stream()``); ``async for``, or ``await collect()``."""
-
-    def __init__(
-        self,
-        start: Callable[[float | None], Awaitable[Any]],
-        attempts: Attempts,
-        decode: Callable[[pb.GenerateSteeredEvent], StreamItem],
-    ) -> None:
-        super().__init__(attempts, decode)
-        self._start = start
-        self._call: Any = None
 
     def __aiter__(self) -> AsyncTokenStream:
         return self

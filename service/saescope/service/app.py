@@ -63,7 +63,7 @@ from saescope.service.types import (
     ActivationsResult,
     EngineClient,
     GenerateRequest,
-    GenerateResult,
+    GenerationResult,
     PromptActivations,
 )
 
@@ -182,9 +182,9 @@ class SaeScope:
     ) -> pb.GenerateSteeredResponse:
         async with self._call("GenerateSteered", grpc_context):
             req = convert.request(request, GenerateRequest)
-            result: GenerateResult | None = None
+            result: GenerationResult | None = None
             async for item in self._generation.stream(req, "GenerateSteered"):
-                if isinstance(item, GenerateResult):
+                if isinstance(item, GenerationResult):
                     result = item
             assert result is not None, "a generation stream ends with its result"
             return convert.response(result, pb.GenerateSteeredResponse)

@@ -76,8 +76,8 @@ def response(result: Any, message_cls: type[M]) -> M:
     return SHAPES.encode(result, message_cls)
 
 
-def generate_event(item: t.TokenEvent | t.GenerateResult) -> pb.GenerateSteeredEvent:
+def generate_event(item: t.TokenEvent | t.GenerationResult) -> pb.GenerateSteeredEvent:
     """A streamed token, or (for the final result) the ``done`` event."""
-    if isinstance(item, t.GenerateResult):
+    if isinstance(item, t.GenerationResult):
         return pb.GenerateSteeredEvent(done=response(item, pb.GenerateSteeredResponse))
     return pb.GenerateSteeredEvent(token=response(item, pb.GenerateSteeredEvent.TokenEvent))

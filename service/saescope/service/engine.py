@@ -1,11 +1,11 @@
 """The engine: a language model, its SAEs, and every RPC's work, in plain Python + torch.
 
-``Engine`` is what the Ray Serve app calls, one method per RPC, on domain types (``types.py``).
-It validates (raising ``errors.*`` that name the field), then delegates: ``prompts`` (rendering
-and tokenisation), ``activations`` (forward + encode), ``contrast`` (statistics), ``features``
-(GetFeature), ``steering`` + ``sampling`` + ``generation`` (steered decoding through the shared
-``DecodeBatcher``). Model forwards take the runtime's FIFO lock; everything runs under
-``torch.inference_mode()``.
+``Engine`` implements ``types.EngineClient``, the interface the Ray Serve app calls: one method
+per RPC, on domain types (``types.py``). It validates (raising ``errors.*`` that name the
+field), then delegates: ``prompts`` (rendering and tokenisation), ``activations`` (forward +
+encode), ``contrast`` (statistics), ``features`` (GetFeature), ``steering`` + ``sampling`` +
+``generation`` (steered decoding through the shared ``DecodeBatcher``). Model forwards take the
+runtime's FIFO lock; everything runs under ``torch.inference_mode()``.
 
 Cheap checks come before costly work: field values, then prompt sizes in characters, then
 tokens (per prompt and per call), then the response's size, and only then a forward pass.
@@ -18,7 +18,7 @@ forms of the same path)::
 
     handle = engine.submit_generate(req)     # validates now: raises SaescopeError
     try:
-        async for item in handle:            # TokenEvent ..., then the GenerateResult
+        async for item in handle:            # TokenEvent ..., then the GenerationResult
             ...
     finally:
         handle.cancel_unless_done()          # the client left: its rows leave the batch
@@ -50,15 +50,15 @@ from saescope.service.types import (
     ContrastRequest,
     ContrastResult,
     EngineClient,
+    Feature,
     FeatureRequest,
-    FeatureResult,
     GenerateRequest,
-    GenerateResult,
+    GenerationResult,
     Info,
     Limits,
     PromptActivations,
     TokenEvent,
-    Tokenized,
+    Tokenization,
     TokenizeRequest,
 )
 from saescope.training import models
@@ -150,7 +150,7 @@ class Engine(EngineClient):
             version=_version(),
         )
 
-    def tokenize(self, req: TokenizeRequest) -> Tokenized:
+    def tokenize(self, req: TokenizeRequest) -> Tokenization:
         return prompts.encode(self.rt, req.prompt, "prompt", self.prompt_limits).tokenized
 
     # ---- GetFeatureActivations -------------------------------------------------------------------
@@ -253,7 +253,7 @@ class Engine(EngineClient):
         return contrast.search(timed, resid, encoded, len(req.positive), req, top_n, per_hit)
 
     # ---- GetFeature ------------------------------------------------------------------------------
-    def feature(self, req: FeatureRequest) -> FeatureResult:
+    def feature(self, req: FeatureRequest) -> Feature:
         ls = self.rt.get_sae(req.sae_id)
         top_logits, neighbours = features.validate_request(ls, req, self.limits)
         return features.feature_info(self.rt, ls, req, top_logits, neighbours)
@@ -299,11 +299,11 @@ class Engine(EngineClient):
         self.batcher.start()
         return self.batcher.submit(plan, request_id)
 
-    def generate(self, req: GenerateRequest) -> GenerateResult:
+    def generate(self, req: GenerateRequest) -> GenerationResult:
         """Blocking: the whole result (through the batcher, like every generation)."""
         return self.submit_generate(req).result()
 
-    def generate_stream(self, req: GenerateRequest) -> Iterator[TokenEvent | GenerateResult]:
-        """TokenEvents as tokens are decided, then the GenerateResult. Closing it cancels."""
+    def generate_stream(self, req: GenerateRequest) -> Iterator[TokenEvent | GenerationResult]:
+        """TokenEvents as tokens are decided, then the GenerationResult. Closing it cancels."""
         handle = self.submit_generate(req)
         return iter(handle)

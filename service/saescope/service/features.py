@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from saescope.service.errors import InvalidArgument, OutOfRange
 from saescope.service.runtime import LoadedSae, ModelRuntime
-from saescope.service.types import FeatureRequest, FeatureResult, Limits, Neighbour, TokenScore
+from saescope.service.types import Feature, FeatureRequest, Limits, Neighbour, TokenScore
 
 DEFAULT_COUNT = 10
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "norm_f", "final_layer_norm")
@@ -64,7 +63,7 @@ def logit_attribution(rt: ModelRuntime, direction: Tensor) -> Tensor:
 @torch.inference_mode()
 def feature_info(
     rt: ModelRuntime, ls: LoadedSae, req: FeatureRequest, top_logits: int, neighbours: int
-) -> FeatureResult:
+) -> Feature:
     i = req.feature
     sae = ls.sae
     unit = ls.unit_decoder()  # (d_sae, d_in) float32
@@ -78,7 +77,7 @@ def feature_info(
     density = None
     if ls.log_density is not None:
         density = float(10.0 ** ls.log_density[i].item())
-    return FeatureResult(
+    return Feature(
         sae_id=ls.sae_id,
         feature=i,
         decoder_norm=float(sae.W_dec[i].float().norm()),
@@ -92,7 +91,7 @@ def feature_info(
             for f, c in zip(near.indices.tolist(), near.values.tolist(), strict=True)
         ],
         top_examples=[],
-        direction=u.cpu().numpy().astype(np.float32) if req.include_direction else None,
+        direction=u.float().cpu().tolist() if req.include_direction else None,
     )
 
 

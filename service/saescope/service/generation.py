@@ -64,7 +64,7 @@ from saescope.service.types import (
     Completion,
     FeatureTrace,
     FinishReason,
-    GenerateResult,
+    GenerationResult,
     Token,
     TokenEvent,
 )
@@ -426,7 +426,7 @@ class DecodeBatcher:
         rows = {r.branch: r for r in req.rows}
         baseline = rows.get("baseline")
         req.handle.put(
-            GenerateResult(
+            GenerationResult(
                 sae_id=req.plan.sae.sae_id,
                 prompt_tokens=req.plan.prompt.tokens,
                 steered=rows["steered"].completion(),

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 from saescope.service.metrics import ServiceMetrics
-from saescope.service.types import EngineClient, GenerateRequest, GenerateResult, TokenEvent
+from saescope.service.types import EngineClient, GenerateRequest, GenerationResult, TokenEvent
 
-Item = TokenEvent | GenerateResult
+Item = TokenEvent | GenerationResult
 
 
 class Generations:
@@ -55,7 +55,7 @@ class Generations:
                 if isinstance(item, TokenEvent) and first is None:
                     first = time.perf_counter()
                     self._metrics.first_token(first - start)
-                elif isinstance(item, GenerateResult):
+                elif isinstance(item, GenerationResult):
                     self._record(rpc, item, first)
                 yield item
         finally:
@@ -71,7 +71,7 @@ class Generations:
             self.sample()
             await asyncio.sleep(every_s)
 
-    def _record(self, rpc: str, result: GenerateResult, first: float | None) -> None:
+    def _record(self, rpc: str, result: GenerationResult, first: float | None) -> None:
         generated = len(result.steered.tokens)
         if result.baseline is not None:
             generated += len(result.baseline.tokens)

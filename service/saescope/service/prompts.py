@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from saescope.service.errors import InvalidArgument, OutOfRange
 from saescope.service.runtime import ModelRuntime
-from saescope.service.types import Prompt, Token, Tokenized
+from saescope.service.types import Prompt, Token, Tokenization
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Encoded:
     """A tokenised prompt: the ids the model reads and their description."""
 
     ids: list[int]
-    tokenized: Tokenized
+    tokenized: Tokenization
 
     @property
     def tokens(self) -> list[Token]:
@@ -147,7 +147,7 @@ def encode(rt: ModelRuntime, prompt: Prompt, field: str, limits: PromptLimits) -
         )
         for tid, (start, end) in zip(ids, offsets, strict=True)
     ]
-    return Encoded(ids=ids, tokenized=Tokenized(text=text, tokens=tokens))
+    return Encoded(ids=ids, tokenized=Tokenization(text=text, tokens=tokens))
 
 
 def _disjoint(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:

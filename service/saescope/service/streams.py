@@ -2,7 +2,7 @@
 
 The decode batcher's thread puts events in; a consumer takes them out with ``get()`` (blocking),
 ``await aget()``, ``for item in handle`` or ``async for item in handle``. The stream is
-``TokenEvent``s as tokens are decided, then the ``GenerateResult`` (last item); a failure ends it
+``TokenEvent``s as tokens are decided, then the ``GenerationResult`` (last item); a failure ends it
 by raising the ``SaescopeError`` in the consumer. ``cancel()`` (or leaving a ``for`` loop early,
 which closes the iterator) ends the stream at once, and the batcher drops the request's rows at
 its next step.
@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from saescope.service.errors import SaescopeError
-from saescope.service.types import GenerateResult, TokenEvent
+from saescope.service.types import GenerationResult, TokenEvent
 
-Item = TokenEvent | GenerateResult
+Item = TokenEvent | GenerationResult
 
 
 class _End:
@@ -106,11 +106,11 @@ class GenerationHandle:
         return None if isinstance(item, _End) else item
 
     def __iter__(self) -> Iterator[Item]:
-        """TokenEvents, then the GenerateResult. Leaving the loop early cancels the request."""
+        """TokenEvents, then the GenerationResult. Leaving the loop early cancels the request."""
         try:
             while (item := self.get()) is not None:
                 yield item
-                if isinstance(item, GenerateResult):
+                if isinstance(item, GenerationResult):
                     return
         finally:
             self.cancel_unless_done()
@@ -122,7 +122,7 @@ class GenerationHandle:
         try:
             while (item := await self.aget()) is not None:
                 yield item
-                if isinstance(item, GenerateResult):
+                if isinstance(item, GenerationResult):
                     return
         finally:
             self.cancel_unless_done()
@@ -134,7 +134,7 @@ class GenerationHandle:
         if not done:
             self.cancel()
 
-    def result(self, timeout: float | None = None) -> GenerateResult:
+    def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the final result, discarding token events."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -142,5 +142,5 @@ class GenerationHandle:
             item = self.get(left)
             if item is None:
                 raise SaescopeError("the generation was cancelled")
-            if isinstance(item, GenerateResult):
+            if isinstance(item, GenerationResult):
                 return item

@@ -1,10 +1,16 @@
 """The engine's surface: what the RPCs take and return, and ``EngineClient``, free of protobuf
 and Ray.
 
-The conversion module (``saescope.service.convert``) maps these to and from the wire types of
-``saescope.api.v1`` by shape: a field here has its wire field's name, and its enum-valued
+Results the SDK returns as they are come from ``saescope.client.results`` (one dataclass per
+result shape, shared by the engine and the SDK: ``Info``, ``Tokenization``,
+``GenerationResult``, ``ContrastResult``, ``Feature`` and their parts), and the words of the
+API's vocabularies (``Aggregation``, ``InterventionMode``, ``Scope``, ``Branch``) from the SDK's
+``inputs`` and ``results``; defined here are the requests (the SDK builds those from keyword
+arguments) and what only the engine has: prompts, and activations held as arrays. The conversion
+module (``saescope.service.convert``) maps them to and from the wire types of
+``saescope.api.v1`` by shape: a field has its wire field's name, and its enum-valued
 ``Literal``s are the words of that enum's vocabulary (``saescope.api.v1.vocabulary``; a test
-keeps them equal). The engine works on these alone. Dense arrays are float32 numpy arrays.
+keeps them equal). Dense arrays are float32 numpy arrays.
 
 ``EngineClient`` is the engine as the Ray app sees it (as vLLM's front end sees its
 ``EngineClient``): the app depends on it, never on ``Engine``'s insides. ``UNARY_RPCS`` lists
@@ -19,15 +25,32 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from saescope.client.inputs import Aggregation as Aggregation
+from saescope.client.inputs import InterventionMode as InterventionMode
+from saescope.client.inputs import Scope as Scope
+from saescope.client.results import ActivatingExample as ActivatingExample
+from saescope.client.results import Branch as Branch
+from saescope.client.results import Completion as Completion
+from saescope.client.results import ContrastHit as ContrastHit
+from saescope.client.results import ContrastResult as ContrastResult
+from saescope.client.results import Feature as Feature
+from saescope.client.results import FeatureLocation as FeatureLocation
+from saescope.client.results import FeatureTrace as FeatureTrace
+from saescope.client.results import GenerationResult as GenerationResult
+from saescope.client.results import Info as Info
+from saescope.client.results import Limits as Limits
+from saescope.client.results import Neighbour as Neighbour
+from saescope.client.results import SaeInfo as SaeInfo
+from saescope.client.results import Token as Token
+from saescope.client.results import TokenEvent as TokenEvent
+from saescope.client.results import Tokenization as Tokenization
+from saescope.client.results import TokenScore as TokenScore
+
 if TYPE_CHECKING:
     from saescope.service.activations import ActivationsPart, ActivationsPlan
     from saescope.service.streams import GenerationHandle
 
-Aggregation = Literal["max", "mean", "sum"]
-InterventionMode = Literal["clamp", "add", "multiply", "ablate"]
-InterventionScope = Literal["all", "prompt", "generated"]
-FinishReason = Literal["length", "eos", "stop"]
-Branch = Literal["steered", "baseline"]
+FinishReason = Literal["length", "eos", "stop"]  # what the engine says (never "unspecified")
 
 
 # ---- prompts and tokens ---------------------------------------
@@ -47,23 +70,8 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class Token:
-    id: int
-    text: str
-    start: int  # character span in the rendered text; -1 where unknown
-    end: int
-    special: bool = False
-
-
-@dataclass(frozen=True)
 class TokenizeRequest:
     prompt: Prompt
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    text: str  # the rendered prompt (template applied)
-    tokens: list[Token]
 
 
 @dataclass(frozen=True)
@@ -72,52 +80,6 @@ class Sparse:
 
     features: list[int]
     values: list[float]
-
-
-# ---- info ---------------------------------------
-@dataclass(frozen=True)
-class Limits:
-    """Per-call limits (``config.LimitsConfig`` documents each); over them: OUT_OF_RANGE."""
-
-    max_prompts: int = 64
-    max_tokens_per_prompt: int = 1024
-    max_top_k: int = 256
-    max_new_tokens: int = 512
-    max_features: int = 64
-    max_contrast_prompts: int = 256
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
-    max_tokens_per_call: int = 16384
-    max_response_bytes: int = 3 * 2**20
-
-
-@dataclass(frozen=True)
-class SaeInfo:
-    sae_id: str
-    hookpoint: str
-    layer: int
-    d_in: int
-    d_sae: int
-    architecture: str
-    k: int
-    metrics: dict[str, float]
-    tokens_seen: int
-    has_catalog: bool = False
-
-
-@dataclass(frozen=True)
-class Info:
-    model: str
-    dtype: str
-    device: str
-    num_layers: int
-    d_model: int
-    vocab_size: int
-    has_chat_template: bool
-    saes: list[SaeInfo]
-    default_sae_id: str
-    limits: Limits
-    version: str
 
 
 # ---- activations ---------------------------------------
@@ -155,7 +117,7 @@ class Intervention:
     feature: int
     mode: InterventionMode
     value: float = 0.0
-    scope: InterventionScope = "all"
+    scope: Scope = "all"
 
 
 @dataclass(frozen=True)
@@ -179,42 +141,6 @@ class GenerateRequest:
     include_trace: bool = False
 
 
-@dataclass(frozen=True)
-class FeatureTrace:
-    feature: int
-    original: list[float]  # what the SAE read, prompt then generated positions
-    steered: list[float]  # after the edit
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    tokens: list[Token]
-    logprobs: list[float]
-    finish_reason: FinishReason
-    trace: list[FeatureTrace]
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    sae_id: str
-    prompt_tokens: list[Token]
-    steered: Completion
-    baseline: Completion | None = None
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One streamed token of one branch."""
-
-    branch: Branch
-    index: int
-    token: Token
-    text: str  # text this token adds to the completion
-    logprob: float | None
-    trace: list[float]  # steered features' values after the edit, interventions order
-
-
 # ---- contrast search ---------------------------------------
 @dataclass(frozen=True)
 class ContrastRequest:
@@ -226,38 +152,6 @@ class ContrastRequest:
     locations_per_hit: int = 0
 
 
-@dataclass(frozen=True)
-class FeatureLocation:
-    positive: bool
-    prompt_index: int
-    token_index: int
-    token: str
-    value: float
-
-
-@dataclass(frozen=True)
-class ContrastHit:
-    feature: int
-    mean_positive: float
-    mean_negative: float
-    mean_difference: float
-    effect_size: float  # Hedges' g
-    auroc: float
-    p_value: float  # two-sided Mann–Whitney U
-    p_value_corrected: float  # Benjamini–Hochberg over features_tested
-    frac_active_positive: float
-    frac_active_negative: float
-    locations: list[FeatureLocation]
-
-
-@dataclass(frozen=True)
-class ContrastResult:
-    sae_id: str
-    positive_hits: list[ContrastHit]
-    negative_hits: list[ContrastHit]
-    features_tested: int
-
-
 # ---- single feature ---------------------------------------
 @dataclass(frozen=True)
 class FeatureRequest:
@@ -266,41 +160,6 @@ class FeatureRequest:
     top_logits: int = 10
     neighbours: int = 10
     include_direction: bool = False
-
-
-@dataclass(frozen=True)
-class TokenScore:
-    id: int
-    token: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    feature: int
-    cosine: float  # between decoder directions
-
-
-@dataclass(frozen=True)
-class ActivatingExample:
-    tokens: list[Token]
-    values: list[float]
-    max_value: float
-
-
-@dataclass(frozen=True)
-class FeatureResult:
-    sae_id: str
-    feature: int
-    decoder_norm: float
-    encoder_norm: float
-    encoder_bias: float
-    density: float | None
-    promoted: list[TokenScore]
-    suppressed: list[TokenScore]
-    nearest: list[Neighbour]  # highest cosine first
-    top_examples: list[ActivatingExample]
-    direction: np.ndarray | None  # (d_in,) float32
 
 
 # ---- the engine's interface ---------------------------------------
@@ -329,7 +188,7 @@ class EngineClient(Protocol):
 
     def info(self) -> Info: ...
 
-    def tokenize(self, req: TokenizeRequest) -> Tokenized: ...
+    def tokenize(self, req: TokenizeRequest) -> Tokenization: ...
 
     def plan_activations(self, req: ActivationsRequest) -> ActivationsPlan:
         """Validate and tokenise; the plan's ``parts`` go to ``run_activation_parts``."""
@@ -347,7 +206,7 @@ class EngineClient(Protocol):
 
     def contrast(self, req: ContrastRequest) -> ContrastResult: ...
 
-    def feature(self, req: FeatureRequest) -> FeatureResult: ...
+    def feature(self, req: FeatureRequest) -> Feature: ...
 
     def close(self) -> None: ...
 

@@ -2,7 +2,7 @@
 // (default: SAESCOPE_TARGET or localhost:9000; SAESCOPE_API_KEY is sent when set).
 'use strict';
 
-const { SaeScopeClient, SaeScopeError, clamp, denseToArray } = require('./index');
+const { SaeScopeClient, SaeScopeError, clamp, direction, denseToArray } = require('./index');
 
 async function main() {
   const client = new SaeScopeClient({ target: process.argv[2] });
@@ -37,6 +37,13 @@ async function main() {
     for await (const event of client.stream(prompt, { maxNewTokens: 200 })) {
       if (event.token) break;
     }
+
+    // A contrast's difference in means is a steering vector: add it, no feature involved.
+    const hits = await client.contrast(['Paris in spring', 'I love Paris'], ['Tokyo at night', 'Rome is old']);
+    const vector = denseToArray(hits.differenceInMeans);
+    console.log(`difference in means: ${vector.length} floats, norm ${hits.differenceInMeansNorm.toFixed(3)}`);
+    const pushed = await client.generate(prompt, { interventions: [direction(vector, 30)], maxNewTokens: 8 });
+    console.log(`direction: ${JSON.stringify(pushed.steered.text)}`);
 
     const feat = await client.feature(3, { topLogits: 3 });
     console.log(`feature 3 promotes: ${feat.promoted.map((t) => JSON.stringify(t.token)).join(' ')}`);

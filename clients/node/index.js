@@ -101,24 +101,41 @@ function toPrompt(prompt, addGenerationPrompt = false) {
 }
 
 // Intervention constructors, one per mode of the .proto: `interventions.clamp(feature, value,
-// scope = 'all')`; a mode whose value the service ignores takes none: `ablate(feature, scope)`.
+// scope = 'all')`; a mode whose value the service ignores takes none: `ablate(feature, scope)`;
+// a vector mode takes a vector instead of a feature: `direction(vector, value = 1, scope)`
+// (d_in numbers, e.g. a contrast's `differenceInMeans`).
 const VALUELESS_MODES = new Set(['ablate']);
+const VECTOR_MODES = new Set(['direction']);
 
 function intervention(mode, feature, value, scope) {
   return { feature, mode: MODE[mode], value, scope: enumName(SCOPE, scope, 'scope') };
 }
 
+/** A DenseTensor of numbers: packed little-endian float32 plus the shape. */
+function arrayToDense(values) {
+  const list = Array.from(values, Number);
+  const data = Buffer.alloc(4 * list.length);
+  list.forEach((x, i) => data.writeFloatLE(x, i * 4));
+  return { shape: [list.length], data };
+}
+
+function constructor(mode) {
+  if (VECTOR_MODES.has(mode)) {
+    return (vector, value = 1, scope = 'all') => ({
+      ...intervention(mode, 0, value, scope),
+      direction: arrayToDense(vector),
+    });
+  }
+  if (VALUELESS_MODES.has(mode)) {
+    return (feature, scope = 'all') => intervention(mode, feature, 0, scope);
+  }
+  return (feature, value = 0, scope = 'all') => intervention(mode, feature, value, scope);
+}
+
 const interventions = Object.freeze(
-  Object.fromEntries(
-    MODES.map((mode) => [
-      mode,
-      VALUELESS_MODES.has(mode)
-        ? (feature, scope = 'all') => intervention(mode, feature, 0, scope)
-        : (feature, value = 0, scope = 'all') => intervention(mode, feature, value, scope),
-    ]),
-  ),
+  Object.fromEntries(MODES.map((mode) => [mode, constructor(mode)])),
 );
-const { clamp, add, multiply, ablate } = interventions;
+const { clamp, add, multiply, ablate, direction } = interventions;
 
 /** A DenseTensor's values (little-endian float32) as a Float32Array. */
 function denseToArray(tensor) {
@@ -270,7 +287,9 @@ module.exports = {
   add,
   multiply,
   ablate,
+  direction,
   MODES,
+  arrayToDense,
   SCOPES,
   AGGREGATIONS,
   denseToArray,

@@ -14,7 +14,7 @@ import pytest
 
 from saescope.cli.main import main
 from saescope.cli.query import load_prompts
-from saescope.client import Client, Info
+from saescope.client import Client, Info, direction
 from tests.support.serve import ServeInstance
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -123,6 +123,30 @@ def test_contrast_from_files(query: Query, tmp_path: Path, info: Info) -> None:
     code, out, _ = query("contrast", *args, "--json")
     data = json.loads(out)
     assert data["features_tested"] > 0 and len(data["positive_hits"]) <= 3
+
+
+def test_steer_with_a_saved_difference_in_means(
+    query: Query, client: Client, tmp_path: Path
+) -> None:
+    """``contrast --save-direction FILE`` writes the vector; ``steer --direction FILE=V`` steers
+    with it exactly as the SDK's ``direction()`` does."""
+    saved = tmp_path / "paris.json"
+    sides = ["--positive", "Paris in spring", "--positive", "I love Paris"]
+    sides += ["--negative", "Tokyo at night", "--negative", "Rome is old"]
+    code, out, _ = query("contrast", *sides, "--save-direction", str(saved))
+    assert code == 0 and "difference in means" in out
+    vector = json.loads(saved.read_text())
+    assert len(vector) == client.info().sae().d_in
+    expected = client.generate(
+        PROMPT, interventions=[direction(vector, 30.0, "generated")], max_new_tokens=5
+    )
+    code, out, _ = query(
+        "steer", PROMPT, "--direction", f"{saved}=30@generated", "--max-new-tokens", "5"
+    )
+    assert code == 0 and out == expected.text + "\n"
+    with pytest.raises(SystemExit) as e:  # a usage error: argparse exits 2, naming the file
+        query("steer", PROMPT, "--direction", f"{tmp_path / 'missing.json'}=3")
+    assert e.value.code == 2
 
 
 def test_contrast_from_arguments(query: Query) -> None:

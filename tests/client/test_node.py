@@ -6,10 +6,11 @@ Skipped, saying why, where ``node`` is not installed or ``npm install`` has not 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
-from saescope.client import Client
+from saescope.client import Client, direction
 from tests.client.conftest import NODE_DIR
 from tests.support.serve import ServeInstance
 
@@ -38,3 +39,13 @@ def test_node_example_runs_against_the_service(
         max_new_tokens=8,
     )
     assert f'steered: "{expected.text}"' in out or f"steered: {expected.text!r}" in out
+    # a vector packed by Node steers exactly as the same vector from Python
+    hits = client.contrast(["Paris in spring", "I love Paris"], ["Tokyo at night", "Rome is old"])
+    assert hits.difference_in_means is not None
+    assert f"difference in means: {len(hits.difference_in_means)} floats" in out
+    pushed = client.generate(
+        "The quick brown fox jumps over the lazy dog",
+        interventions=[direction(hits.difference_in_means, 30.0)],
+        max_new_tokens=8,
+    )
+    assert f"direction: {json.dumps(pushed.text, ensure_ascii=False)}" in out

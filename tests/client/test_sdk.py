@@ -24,6 +24,7 @@ from saescope.client import (
     Unavailable,
     add,
     clamp,
+    direction,
 )
 from saescope.client.inputs import PromptLike
 from saescope.client.results import TokenEvent
@@ -188,6 +189,28 @@ def test_contrast(client: Client) -> None:
         assert all(0 <= loc.prompt_index < 3 for loc in hit.locations)
     effects = [h.effect_size for h in result.positive_hits]
     assert effects == sorted(effects, reverse=True)
+
+
+def test_steer_with_the_contrast_difference_in_means(client: Client, info: Info) -> None:
+    """A contrast's difference-in-means vector comes back with its norm, and steers as a
+    ``direction`` edit: the baseline is the plain generation, the steered text moves."""
+    positive = ["I love Paris in the spring", "Paris is lovely", "The Louvre is in Paris"]
+    negative = ["I love Berlin in winter", "Tokyo is huge", "Rome has old ruins"]
+    result = client.contrast(positive, negative)
+    vector = result.difference_in_means
+    assert vector is not None and len(vector) == info.sae().d_in
+    assert result.difference_in_means_norm == pytest.approx(
+        sum(x * x for x in vector) ** 0.5, rel=1e-4
+    )
+    assert result.to_numpy().shape == (info.sae().d_in,)
+    plain = client.generate(PROMPT, max_new_tokens=6)
+    steered = client.generate(
+        PROMPT, interventions=[direction(vector, 50.0)], max_new_tokens=6, baseline=True
+    )
+    assert steered.baseline is not None and steered.baseline.tokens == plain.steered.tokens
+    assert steered.steered.tokens != plain.steered.tokens
+    with pytest.raises(InvalidArgument, match=r"interventions\[0\]\.direction: must have shape"):
+        client.generate(PROMPT, interventions=[direction(vector[:-1], 1.0)])
 
 
 def test_feature(client: Client, info: Info) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import struct
 import subprocess
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +49,10 @@ def test_service_domain_literals() -> None:
 def test_service_dispatch_tables() -> None:
     from saescope.service import activations, steering
 
-    assert tuple(steering.EDITS) == vocabulary.MODE.words
+    # feature edits (name → function) and vector edits, every mode once
+    assert vocabulary.MODE.words == steering.MODES
+    assert set(steering.EDITS).isdisjoint(steering.VECTOR_MODES)
+    assert set(steering.EDITS) | set(steering.VECTOR_MODES) == set(vocabulary.MODE.words)
     assert tuple(steering.SCOPE_PHASES) == vocabulary.SCOPE.words
     assert tuple(activations.AGGREGATES) == vocabulary.AGGREGATION.words
 
@@ -81,17 +86,20 @@ def test_sdk_result_literals() -> None:
 def test_sdk_has_a_public_constructor_per_mode(mode: str) -> None:
     assert mode in saescope.client.__all__
     construct = getattr(saescope.client, mode)
-    required = [
-        p
-        for p in inspect.signature(construct).parameters.values()
-        if p.default is inspect.Parameter.empty
-    ]
-    # feature, then the value where the mode takes one (ablate takes none)
-    intervention = construct(3, *[1.0] * (len(required) - 1))
+    params = inspect.signature(construct).parameters
+    required = [p for p in params.values() if p.default is inspect.Parameter.empty]
+    # a feature (or, for a vector mode, a vector), then the value where the mode takes one
+    target = [0.5, -1.0] if next(iter(params)) == "vector" else 3
+    args = [target, *[1.0] * (len(required) - 1)]
+    intervention = construct(*args)
     assert isinstance(intervention, saescope.client.Intervention)
-    assert intervention.mode == mode and intervention.feature == 3
+    assert intervention.mode == mode
+    if target == 3:
+        assert intervention.feature == 3 and intervention.direction is None
+    else:
+        assert intervention.direction == (0.5, -1.0)
     for scope in vocabulary.SCOPE.words:
-        assert construct(3, *[1.0] * (len(required) - 1), scope=scope).scope == scope
+        assert construct(*args, scope=scope).scope == scope
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -107,7 +115,7 @@ def _steer_parser() -> argparse.ArgumentParser:
     return _subparser(_subparser(build_parser(), "query"), "steer")
 
 
-def test_cli_steer_has_a_flag_per_mode() -> None:
+def test_cli_steer_has_a_flag_per_mode(tmp_path: Path) -> None:
     steer = _steer_parser()
     flags = [
         option
@@ -116,19 +124,25 @@ def test_cli_steer_has_a_flag_per_mode() -> None:
         for option in action.option_strings
     ]
     assert flags == [f"--{mode}" for mode in vocabulary.MODE.words]
+    vector_file = tmp_path / "v.json"
+    vector_file.write_text("[0.5, -1.0]")
     for mode in vocabulary.MODE.words:
         help_text = next(a.help for a in steer._actions if f"--{mode}" in a.option_strings)
-        assert help_text and "feature F" in help_text  # from the SDK constructor's docstring
-        spec = "3=2.5" if query._takes_value(mode) else "3"
+        vector = query._is_vector(mode)
+        # the help comes from the SDK constructor's docstring
+        assert help_text and ("vector in FILE" if vector else "feature F") in help_text
+        target = str(vector_file) if vector else "3"
+        spec = f"{target}=2.5" if query._takes_value(mode) else target
         for scope in vocabulary.SCOPE.words:
             args = steer.parse_args(["a prompt", f"--{mode}", f"{spec}@{scope}"])
-            (intervention,) = args.interventions
-            assert (intervention.feature, intervention.mode, intervention.scope) == (
-                3,
-                mode,
-                scope,
-            )
+            (edit,) = args.interventions
+            assert (edit.mode, edit.scope) == (mode, scope)
+            if vector:
+                assert edit.direction == (0.5, -1.0) and edit.value == 2.5
+            else:
+                assert edit.feature == 3 and edit.direction is None
     assert not query._takes_value("ablate") and query._takes_value("clamp")
+    assert query._is_vector("direction") and not query._is_vector("clamp")
 
 
 # ---- Node -----------------------------------------------------------------------------------
@@ -139,7 +153,9 @@ process.stdout.write(JSON.stringify({
   scopes: m.SCOPES,
   aggregations: m.AGGREGATIONS,
   sent: Object.fromEntries(Object.entries(m.interventions).map(([w, f]) => [w, f(3).mode])),
-  named: ['clamp', 'add', 'multiply', 'ablate'].map((w) => m[w] === m.interventions[w]),
+  named: ['clamp', 'add', 'multiply', 'ablate', 'direction'].map(
+    (w) => m[w] === m.interventions[w]),
+  packed: m.direction([1.5, -2], 2).direction,
   badScope: (() => {
     try { m.clamp(3, 1, 'nowhere'); } catch (e) { return e.message; }
   })(),
@@ -160,7 +176,10 @@ def test_node_client_words(node: str) -> None:
         w: vocabulary.MODE.enum.values_by_number[n].name for w, n in vocabulary.MODE.numbers.items()
     }
     assert words["sent"] == mode_names
-    assert all(words["named"])  # the public clamp/add/multiply/ablate exports still hold
+    assert all(words["named"])  # the public clamp/add/multiply/ablate/direction exports hold
+    packed = words["packed"]  # a vector goes as little-endian float32, with its shape
+    assert packed["shape"] == [2]
+    assert bytes(packed["data"]["data"]) == struct.pack("<2f", 1.5, -2.0)
     assert (
         words["badScope"] == f'scope: "nowhere" is not one of {", ".join(vocabulary.SCOPE.words)}'
     )

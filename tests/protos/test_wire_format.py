@@ -4,7 +4,8 @@ Both sides meet the recording on their own: the SDK, called through its public m
 a real gRPC server that replays the recorded response, must send the recorded request and decode
 the recorded result; the service must decode the recorded request into the same domain request
 and encode the domain result into the same bytes. A refactor that changes any byte or any
-decoded value fails here.
+decoded value fails here; results may only gain fields beside the recorded ones (additive
+changes keep old callers working).
 """
 
 from __future__ import annotations
@@ -190,7 +191,23 @@ def test_sdk_sends_and_decodes_the_recording(
     message = _message(case.rpc, "request")
     sent = message.FromString(server.requests[name])
     assert sent == message.FromString(base64.b64decode(recorded[name]["request"]))
-    assert _as_json(result) == recorded[name]["result"]
+    _assert_holds(recorded[name]["result"], _as_json(result), name)
+
+
+def _assert_holds(recorded: Any, got: Any, where: str) -> None:
+    """Everything recorded is decoded the same; fields added since may come beside it (an
+    additive change keeps old clients' code working)."""
+    if isinstance(recorded, dict):
+        assert isinstance(got, dict), where
+        for key, value in recorded.items():
+            assert key in got, f"{where}.{key} is gone"
+            _assert_holds(value, got[key], f"{where}.{key}")
+    elif isinstance(recorded, list):
+        assert isinstance(got, list) and len(got) == len(recorded), where
+        for i, (a, b) in enumerate(zip(recorded, got, strict=True)):
+            _assert_holds(a, b, f"{where}[{i}]")
+    else:
+        assert got == recorded, where
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:  # from the repository root

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from saescope.client import Chat, ablate, add, clamp, multiply
+from saescope.client import Chat, ablate, add, clamp, direction, multiply
 from saescope.service import types as t
 
 
@@ -149,6 +149,8 @@ HIT = t.ContrastHit(
     ],
 )
 CONTRAST = t.ContrastResult("l15", [HIT], [], 812)
+CONTRAST_DIM = t.ContrastResult("l15", [], [HIT], 3, [0.5, -0.25, 0.0], 0.5590169943749475)
+VECTOR = [0.5, -0.25, 2.0]
 
 FEATURE = t.Feature(
     sae_id="l15",
@@ -219,6 +221,27 @@ CASES: dict[str, Case] = {
             t.TokenEvent("baseline", 0, TOK[2], " é", None, []),
             GENERATED,
         ],
+    ),
+    "generate_direction": Case(
+        "GenerateSteered",
+        lambda c: c.generate("Hello é", interventions=[direction(VECTOR, 4.0, "generated")]),
+        t.GenerateRequest(
+            prompt=PROMPT,
+            interventions=[
+                t.Intervention(0, "direction", 4.0, "generated", np.array(VECTOR, np.float32))
+            ],
+            sampling=t.Sampling(0, 0.0, 0.0, 0, None, ()),
+        ),
+        [t.GenerationResult("l15", TOK, t.Completion("", [], [], "eos", []))],
+    ),
+    "contrast_direction": Case(
+        "SearchFeaturesByContrast",
+        lambda c: c.contrast(["Hello é", "Bonjour"], ["Hi", "Hey"]),
+        t.ContrastRequest(
+            positive=[PROMPT, t.Prompt(text="Bonjour")],
+            negative=[t.Prompt(text="Hi"), t.Prompt(text="Hey")],
+        ),
+        [CONTRAST_DIM],
     ),
     "contrast": Case(
         "SearchFeaturesByContrast",

@@ -350,6 +350,29 @@ def test_contrast_recovers_planted_feature(engine: Engine) -> None:
     assert 0 < res.features_tested <= 128
 
 
+def test_contrast_difference_in_means(engine: Engine) -> None:
+    """The sets' difference in means equals one computed from a plain Hugging Face forward
+    (``residuals``) over the positions the contrast counts, each prompt weighing once."""
+    req = t.ContrastRequest(
+        positive=[t.Prompt(text=s) for s in POSITIVE],
+        negative=[t.Prompt(text=s) for s in NEGATIVE],
+        sae_id="planted",
+    )
+    res = engine.contrast(req)
+    ls = engine.rt.saes["planted"]
+    means = []
+    for text in [*POSITIVE, *NEGATIVE]:
+        x, ids = residuals(tiny_setup().model_dir, ls.hookpoint, (text,))
+        special = [i in engine.rt.tokenizer.all_special_ids for i in ids.tolist()]
+        keep = ls.aggregation_mask(x, special, include_special=False)
+        means.append(x[keep].mean(dim=0))
+    want = torch.stack(means[: len(POSITIVE)]).mean(0) - torch.stack(means[len(POSITIVE) :]).mean(0)
+    assert res.difference_in_means is not None
+    np.testing.assert_allclose(res.difference_in_means, want.numpy(), rtol=1e-4, atol=1e-5)
+    assert res.difference_in_means_norm == pytest.approx(float(want.norm()), rel=1e-4)
+    assert res.difference_in_means_norm > 0
+
+
 @pytest.mark.parametrize(
     ("change", "error", "field"),
     [

@@ -3,6 +3,9 @@ and validation of interventions."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from saescope.training.sae import SAE, SAEConfig
 from tests.service.engine_fixtures import TEST_LIMITS, tiny_engine
 
 Edit = t.Intervention
+VECTOR = "interventions[0].direction"
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +173,27 @@ def test_noop_clamp_through_generation_matches_baseline(engine: Engine) -> None:
         ([Edit(1, "clamp", 1e38)], InvalidArgument, "interventions[0].value"),  # NaN-prone
         ([Edit(1, "multiply", -1.5e4)], InvalidArgument, "interventions[0].value"),
         ([Edit(1, "add", 1.0, "everywhere")], InvalidArgument, "interventions[0].scope"),  # type: ignore[arg-type]
+        ([Edit(0, "direction", 1.0)], InvalidArgument, "interventions[0].direction"),
+        (
+            [Edit(0, "direction", 1.0, direction=np.ones(3))],
+            InvalidArgument,
+            "interventions[0].direction",
+        ),
+        (
+            [Edit(0, "direction", 1.0, direction=np.full(64, np.nan))],
+            InvalidArgument,
+            "interventions[0].direction",
+        ),
+        (
+            [Edit(0, "direction", 1.0, direction=np.full(64, 2e4))],
+            InvalidArgument,
+            "interventions[0].direction",
+        ),
+        (
+            [Edit(1, "clamp", 1.0, direction=np.ones(64))],
+            InvalidArgument,
+            "interventions[0].direction",
+        ),
         (
             [Edit(i, "ablate") for i in range(TEST_LIMITS.max_features + 1)],
             OutOfRange,
@@ -199,3 +224,56 @@ def test_disjoint_scopes_on_one_feature_are_allowed(engine: Engine) -> None:
     trace = engine.generate(req).steered.trace
     assert len(trace) == 1 and trace[0].feature == 5
     assert trace[0].steered == pytest.approx([3.0] * n + [-3.0] * 2)  # the prompt + 2 fed back
+
+
+@pytest.mark.parametrize("scope", ["all", "generated"])
+def test_direction_equals_a_hand_written_hook(engine: Engine, scope: str) -> None:
+    """A ``direction`` edit adds value·v at the SAE's hookpoint: greedy generation through the
+    engine (KV cache, batched decoding) equals a plain loop over full forwards with a forward
+    hook doing just that, and the features are left alone (no error term, no encode)."""
+    ls = engine.rt.saes["main"]
+    v = np.random.default_rng(0).standard_normal(ls.sae.cfg.d_in).astype(np.float32)
+    prompt = t.Prompt(text="The cat sat on")
+    req = t.GenerateRequest(
+        prompt=prompt,
+        interventions=[Edit(0, "direction", 3.0, scope, direction=v)],  # type: ignore[arg-type]
+        sampling=t.Sampling(max_new_tokens=6),
+        include_baseline=True,
+    )
+    got = engine.generate(req)
+    ids = [tok.id for tok in engine.tokenize(t.TokenizeRequest(prompt)).tokens]
+    n_prompt = len(ids)
+    add = 3.0 * torch.from_numpy(v)
+
+    def hook(_m: torch.nn.Module, _i: object, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        edited = h.clone()
+        start = n_prompt if scope == "generated" else 0
+        edited[:, start:] += add.to(h.dtype)
+        return (edited, *out[1:]) if isinstance(out, tuple) else edited
+
+    handle = engine.rt.model.get_submodule(ls.hookpoint).register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            for _ in range(6):
+                logits = engine.rt.model(torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+    finally:
+        handle.remove()
+    assert [tok.id for tok in got.steered.tokens] == ids[n_prompt:]
+    assert got.baseline is not None and got.baseline.tokens != got.steered.tokens
+
+
+def test_direction_of_zero_is_a_no_op(engine: Engine) -> None:
+    d_in = engine.rt.saes["main"].sae.cfg.d_in
+    req = t.GenerateRequest(
+        prompt=t.Prompt(text="Hello there"),
+        interventions=[Edit(0, "direction", 5.0, direction=np.zeros(d_in, np.float32))],
+        sampling=t.Sampling(max_new_tokens=5),
+        include_baseline=True,
+        include_logprobs=True,
+    )
+    got = engine.generate(req)
+    assert got.baseline is not None
+    assert got.steered.tokens == got.baseline.tokens
+    assert got.steered.logprobs == got.baseline.logprobs  # bit-identical, not merely close

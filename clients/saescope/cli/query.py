@@ -35,7 +35,12 @@ def _mode_help(mode: str) -> str:
     """What ``steer --MODE`` does: the first sentence of the SDK's constructor of that mode
     (``saescope.client.clamp``: "Set ``feature`` to ``value``…" → "set feature F to V")."""
     doc = (getattr(inputs, mode).__doc__ or "").split(".")[0].split(" (")[0]
-    for word, letter in (("``feature``", "feature F"), ("``value``", "V"), ("``factor``", "V")):
+    for word, letter in (
+        ("``feature``", "feature F"),
+        ("``value``", "V"),
+        ("``factor``", "V"),
+        ("``vector``", "the vector in FILE"),
+    ):
         doc = doc.replace(word, letter)
     return doc[:1].lower() + doc[1:]
 
@@ -115,6 +120,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--aggregation", choices=("max", "mean"), default="max")
     p.add_argument("--top-n", type=int, default=10)
     p.add_argument("--locations", type=int, default=0, help="where each hit fires (per hit)")
+    p.add_argument(
+        "--save-direction",
+        type=Path,
+        metavar="FILE",
+        help="write the difference-in-means vector (JSON) to FILE: steer with --direction FILE=V",
+    )
 
     p = command("feature", _feature, "one feature: logits, neighbours, examples")
     p.add_argument("feature_id", type=int, metavar="FEATURE")
@@ -179,18 +190,44 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
 
 
+def _is_vector(mode: str) -> bool:
+    """Whether the mode's SDK constructor takes a vector (``direction``), not a feature."""
+    return next(iter(inspect.signature(getattr(inputs, mode)).parameters)) == "vector"
+
+
 def _intervention_form(mode: str) -> str:
+    if _is_vector(mode):
+        return "FILE=V"
     return "F=V" if _takes_value(mode) else "F"
+
+
+def load_vector(path: Path) -> list[float]:
+    """A vector from a file: a JSON list of numbers (what ``contrast --save-direction``
+    writes), or numbers separated by spaces, commas or newlines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        values = text.replace(",", " ").split()
+    return [float(x) for x in values]
 
 
 def _intervention_parser(mode: str) -> Callable[[str], Intervention]:
     def parse(text: str) -> Intervention:
         spec, _, scope = text.partition("@")
-        feature, _, value = spec.partition("=")
+        target, _, value = spec.partition("=")
         try:
             if _takes_value(mode) != bool(value):
                 raise ValueError
-            return Intervention(int(feature), mode, float(value or 0.0), scope or "all")  # type: ignore[arg-type]
+            if _is_vector(mode):
+                try:
+                    vector = tuple(load_vector(Path(target)))
+                except OSError as e:
+                    raise argparse.ArgumentTypeError(
+                        f"cannot read {target}: {e.strerror}"
+                    ) from None
+                return Intervention(0, mode, float(value), scope or "all", vector)  # type: ignore[arg-type]
+            return Intervention(int(target), mode, float(value or 0.0), scope or "all")  # type: ignore[arg-type]
         except (ValueError, SaescopeError):
             raise argparse.ArgumentTypeError(
                 f"expected {_intervention_form(mode)}[@{'|'.join(SCOPES)}], got {text!r}"
@@ -328,6 +365,8 @@ def _contrast(client: Client, args: argparse.Namespace) -> None:
         top_n=args.top_n,
         locations=args.locations,
     )
+    if args.save_direction is not None and result.difference_in_means is not None:
+        args.save_direction.write_text(json.dumps(result.difference_in_means) + "\n")
     out.emit(args, result, lambda: out.contrast(result))
 
 

@@ -259,6 +259,15 @@ def contrast(result: ContrastResult) -> None:
     _hits("more active with the concept (positive set)", result.positive_hits)
     print()
     _hits("more active without it (negative set)", result.negative_hits)
+    if result.difference_in_means is not None:
+        print()
+        print(
+            _dim(
+                f"difference in means of the residual stream: norm "
+                f"{result.difference_in_means_norm:.2f} (steer with it: --save-direction FILE, "
+                "then steer --direction FILE=V)"
+            )
+        )
 
 
 def feature(result: Feature) -> None:

@@ -34,6 +34,7 @@ from saescope.client.inputs import (
     ablate,
     add,
     clamp,
+    direction,
     multiply,
 )
 from saescope.client.results import (
@@ -106,5 +107,6 @@ __all__ = [
     "ablate",
     "add",
     "clamp",
+    "direction",
     "multiply",
 ]

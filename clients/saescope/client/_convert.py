@@ -63,7 +63,17 @@ def dense(tensor: pb.DenseTensor, field: str = "") -> list[float]:
     return values.tolist()
 
 
-SHAPES = Shapes({"saescope.api.v1.DenseTensor": Codec(decode=dense)}, lenient=True)
+def dense_message(values: Sequence[float]) -> pb.DenseTensor:
+    """A ``DenseTensor`` of a flat sequence of floats (little-endian float32), without numpy."""
+    packed = array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return pb.DenseTensor(shape=[len(packed)], data=packed.tobytes())
+
+
+SHAPES = Shapes(
+    {"saescope.api.v1.DenseTensor": Codec(decode=dense, encode=dense_message)}, lenient=True
+)
 
 
 def result(message: Message, cls: type[T]) -> T:

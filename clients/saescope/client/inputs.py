@@ -7,6 +7,7 @@ dicts / ``ChatMessage`` objects. Interventions are built with the helpers::
     add(77, 2.5, scope="generated")  # add 2.5 on generated tokens only
     multiply(5, 0.5)                 # halve feature 5
     ablate(42, scope="prompt")       # zero feature 42 over the prompt
+    direction(vector, 4.0)           # add 4 × a steering vector (d_in floats), no feature
 
 Steering keeps the SAE's error term: ``x' = x + dec(f') − dec(f)`` (see the API docs).
 """
@@ -20,7 +21,7 @@ from typing import Literal, TypeAlias, get_args
 from saescope.client.errors import InvalidArgument
 
 Aggregation: TypeAlias = Literal["max", "mean", "sum"]
-InterventionMode: TypeAlias = Literal["clamp", "add", "multiply", "ablate"]
+InterventionMode: TypeAlias = Literal["clamp", "add", "multiply", "ablate", "direction"]
 Scope: TypeAlias = Literal["all", "prompt", "generated"]
 
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
@@ -68,15 +69,20 @@ PromptLike: TypeAlias = str | ChatLike
 
 @dataclass(frozen=True, slots=True)
 class Intervention:
-    """One edit of one feature during generation; build it with ``clamp``/``add``/``multiply``/
-    ``ablate``, or from a dict ``{"feature": 3, "mode": "clamp", "value": 5.0}``."""
+    """One edit during generation; build it with ``clamp``/``add``/``multiply``/``ablate``
+    (a feature) or ``direction`` (a vector), or from a dict ``{"feature": 3, "mode": "clamp",
+    "value": 5.0}``."""
 
     feature: int
+    """The feature edited (ignored by ``direction``)."""
     mode: InterventionMode
     value: float = 0.0
-    """The clamp target, the amount added, or the factor; ignored by ``ablate``."""
+    """The clamp target, the amount added, the factor, or the vector's multiplier; ignored by
+    ``ablate``."""
     scope: Scope = "all"
     """``"all"`` positions, the ``"prompt"`` only, or the ``"generated"`` tokens only."""
+    direction: tuple[float, ...] | None = None
+    """The vector of a ``direction`` edit (d_in floats), added as ``value × direction``."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,6 +93,13 @@ class Intervention:
             raise InvalidArgument(
                 "INVALID_ARGUMENT", f"interventions.scope: {self.scope!r} is not one of {SCOPES}"
             )
+        if (self.direction is None) == (self.mode == "direction"):
+            which = "requires" if self.direction is None else "is only for"
+            raise InvalidArgument(
+                "INVALID_ARGUMENT", f"interventions.direction: {which} mode 'direction'"
+            )
+        if self.direction is not None:  # any sequence of numbers (a list, a numpy array)
+            object.__setattr__(self, "direction", tuple(float(x) for x in self.direction))
 
 
 def clamp(feature: int, value: float, scope: Scope = "all") -> Intervention:
@@ -107,6 +120,12 @@ def multiply(feature: int, factor: float, scope: Scope = "all") -> Intervention:
 def ablate(feature: int, scope: Scope = "all") -> Intervention:
     """Set ``feature`` to 0."""
     return Intervention(feature, "ablate", 0.0, scope)
+
+
+def direction(vector: Sequence[float], value: float = 1.0, scope: Scope = "all") -> Intervention:
+    """Add ``value`` × ``vector`` (d_in floats, e.g. a contrast's ``difference_in_means``) to
+    the residual stream at the SAE's hookpoint: a steering vector, not a feature."""
+    return Intervention(0, "direction", value, scope, tuple(vector))
 
 
 InterventionLike: TypeAlias = Intervention | Mapping[str, object]

@@ -346,6 +346,17 @@ class ContrastResult(_Result):
     negative_hits: list[ContrastHit]
     """More active without it, strongest first."""
     features_tested: int
+    difference_in_means: list[float] | None = None
+    """Mean residual stream of the positive set minus the negative set's, at the SAE's
+    hookpoint (d_in floats; AxBench's DiffMean): steer with ``direction(...)`` of it."""
+    difference_in_means_norm: float = 0.0
+    """Its Euclidean norm, in model units."""
+
+    def to_numpy(self) -> np.ndarray:
+        """``difference_in_means`` as a float32 array of shape (d_in,)."""
+        if self.difference_in_means is None:
+            raise ValueError("no difference_in_means: the server did not send one")
+        return _numpy().asarray(self.difference_in_means, dtype="float32")  # type: ignore[no-any-return]
 
 
 # ---- one feature --------------------------------------------------------------------------

@@ -17,6 +17,10 @@ tokens, no attention sink; ``LoadedSae.aggregation_mask``) with max or mean, int
 Hits are ranked by g: the largest positive g first for the positive direction, the most
 negative first for the negative one. For each hit, its ``locations_per_hit`` strongest
 (prompt, token) places over both sets.
+
+Beside the features, the search returns the sets' difference in means of the residual stream
+itself over the same positions (``difference_in_means``): AxBench's DiffMean steering vector
+(Wu et al. 2025), the strongest of the vector methods there, for steering with directly.
 """
 
 from __future__ import annotations
@@ -160,6 +164,26 @@ def aggregate_prompts(
     return torch.stack(rows).numpy()
 
 
+def difference_in_means(
+    ls: LoadedSae, residuals: list[Tensor], encoded: list[Encoded], n_positive: int
+) -> np.ndarray:
+    """``(d_in,)``: the positive prompts' mean residual minus the negatives' (AxBench's
+    DiffMean), each prompt weighing once (its mean over the positions ``ls.aggregation_mask``
+    keeps; a prompt with none is left out, and a side with none counts as 0)."""
+    sides: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for p, (x, enc) in enumerate(zip(residuals, encoded, strict=True)):
+        keep = ls.aggregation_mask(x, enc.special_mask(), include_special=False)
+        if bool(keep.any()):
+            sides[p >= n_positive].append(x[keep].float().mean(dim=0))  # (d_in,)
+    pos, neg = (
+        torch.stack(side).mean(dim=0)
+        if side
+        else torch.zeros(ls.sae.cfg.d_in, device=residuals[0].device)
+        for side in sides
+    )
+    return (pos - neg).cpu().numpy()
+
+
 def locations(
     ls: LoadedSae,
     residuals: list[Tensor],
@@ -223,6 +247,7 @@ def search(
         hits = [int(st.features[i]) for i in [*up, *down]]
         positive = [i < n_positive for i in range(len(encoded))]
         locs = locations(ls, residuals, encoded, positive, hits, per_hit)
+        dim = difference_in_means(ls, residuals, encoded, n_positive)
 
     def hit(i: int, where: list[FeatureLocation]) -> ContrastHit:
         return ContrastHit(
@@ -244,4 +269,6 @@ def search(
         positive_hits=[hit(i, locs[k]) for k, i in enumerate(up)],
         negative_hits=[hit(i, locs[len(up) + k]) for k, i in enumerate(down)],
         features_tested=int(st.features.size),
+        difference_in_means=dim.tolist(),
+        difference_in_means_norm=float(np.linalg.norm(dim)),
     )

@@ -16,7 +16,8 @@ Batched decoding gives every row its own edits, so edits travel as padded tensor
 (``EditBatch``): per row, its distinct features ``U`` and its edits ``M`` (each naming one of
 those features). The hook encodes the rows that need it, gathers their features, edits them all
 at once and adds the decoder-weighted deltas. It also records each row's features before and
-after the edit — the trace.
+after the edit — the trace. Vector edits (``direction``) add ``value · v`` to the residual
+directly, with no feature read or traced.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -49,7 +51,10 @@ SCOPE_PHASES: dict[str, frozenset[str]] = {
     "generated": frozenset({"generated"}),
 }
 """Scope → the phases it applies in: ``prompt`` (prefill) and ``generated`` (decode steps)."""
-MODES = tuple(EDITS)
+VECTOR_MODES = ("direction",)
+"""Modes that add ``value`` × a vector of their own to the residual stream, not a feature edit
+(``x' = x + value · v``: a steering vector, e.g. a contrast search's difference in means)."""
+MODES = (*EDITS, *VECTOR_MODES)
 SCOPES = tuple(SCOPE_PHASES)
 # Largest |value| of an intervention. Feature values are in model units, and residual norms of
 # language models are O(1–1000): 1e4 is far past any useful steering, and keeps the edit finite
@@ -67,9 +72,14 @@ def validate_interventions(
     seen: dict[int, list[tuple[int, str]]] = {}
     for i, iv in enumerate(interventions):
         where = f"interventions[{i}]"
-        ls.check_feature(iv.feature, f"{where}.feature")
         if iv.mode not in MODES:
             raise InvalidArgument(f"{where}.mode", f"must be one of {MODES}, got {iv.mode!r}")
+        if iv.mode in VECTOR_MODES:
+            _check_vector(ls, iv, where)
+        elif iv.direction is not None:
+            raise InvalidArgument(f"{where}.direction", f"only for mode direction, not {iv.mode}")
+        else:
+            ls.check_feature(iv.feature, f"{where}.feature")
         if iv.scope not in SCOPES:
             raise InvalidArgument(f"{where}.scope", f"must be one of {SCOPES}, got {iv.scope!r}")
         if not (math.isfinite(iv.value) and abs(iv.value) <= MAX_INTERVENTION_VALUE):
@@ -77,6 +87,8 @@ def validate_interventions(
                 f"{where}.value",
                 f"must be finite with |value| ≤ {MAX_INTERVENTION_VALUE:g}, got {iv.value:g}",
             )
+        if iv.mode in VECTOR_MODES:
+            continue  # vectors add up; only feature edits can contradict each other
         for j, scope in seen.get(iv.feature, []):
             if SCOPE_PHASES[scope] & SCOPE_PHASES[iv.scope]:
                 raise InvalidArgument(
@@ -87,9 +99,24 @@ def validate_interventions(
         seen.setdefault(iv.feature, []).append((i, iv.scope))
 
 
+def _check_vector(ls: LoadedSae, iv: Intervention, where: str) -> None:
+    """A vector mode's ``direction``: present, ``(d_in,)``, finite, entries within the bound."""
+    v = iv.direction
+    if v is None:
+        raise InvalidArgument(f"{where}.direction", f"required for mode {iv.mode}")
+    if v.shape != (ls.sae.cfg.d_in,):
+        raise InvalidArgument(
+            f"{where}.direction", f"must have shape ({ls.sae.cfg.d_in},) (d_in), got {v.shape}"
+        )
+    if not (np.isfinite(v).all() and np.abs(v).max(initial=0.0) <= MAX_INTERVENTION_VALUE):
+        raise InvalidArgument(
+            f"{where}.direction", f"entries must be finite with |x| ≤ {MAX_INTERVENTION_VALUE:g}"
+        )
+
+
 def distinct_features(interventions: list[Intervention]) -> list[int]:
     """The edited features in order of first appearance (the trace's order)."""
-    return list(dict.fromkeys(iv.feature for iv in interventions))
+    return list(dict.fromkeys(iv.feature for iv in interventions if iv.mode not in VECTOR_MODES))
 
 
 @dataclass(frozen=True)
@@ -101,7 +128,7 @@ class RowEdits:
 
     @property
     def empty(self) -> bool:
-        return not self.features
+        return not self.features and not self.edits
 
 
 @dataclass
@@ -116,29 +143,39 @@ class EditBatch:
     value: Tensor  # (b, M)
     in_prompt: Tensor  # (b, M) the edit applies in the prefill (False for padding)
     in_generated: Tensor  # (b, M) the edit applies at decode steps (False for padding)
+    vectors: Tensor  # (b, K, d_in) vector edits' vectors, times their value (padding: 0)
+    vec_in_prompt: Tensor  # (b, K) the vector applies in the prefill
+    vec_in_generated: Tensor  # (b, K) the vector applies at decode steps
 
     @staticmethod
     def build(
         rows: list[tuple[int, RowEdits]], device: torch.device, dtype: torch.dtype
     ) -> EditBatch:
         b = len(rows)
+        feature_edits = [[iv for iv in r.edits if iv.mode in EDITS] for _, r in rows]
+        vector_edits = [[iv for iv in r.edits if iv.mode in VECTOR_MODES] for _, r in rows]
         u = max(len(r.features) for _, r in rows)
-        m = max((len(r.edits) for _, r in rows), default=0)
+        m = max(map(len, feature_edits), default=0)
+        k = max(map(len, vector_edits), default=0)
+        d_in = next((iv.direction.shape[0] for ivs in vector_edits for iv in ivs), 0)  # type: ignore[union-attr]
         feats = torch.zeros((b, u), dtype=torch.long)
         target = torch.zeros((b, m), dtype=torch.long)
         mode = torch.zeros((b, m), dtype=torch.long)
         value = torch.zeros((b, m), dtype=torch.float32)
-        in_prompt = torch.zeros((b, m), dtype=torch.bool)
-        in_generated = torch.zeros((b, m), dtype=torch.bool)
+        phases = torch.zeros((2, b, m), dtype=torch.bool)  # [prompt, generated]
+        vectors = torch.zeros((b, k, d_in), dtype=torch.float32)
+        vec_phases = torch.zeros((2, b, k), dtype=torch.bool)
         for i, (_, r) in enumerate(rows):
             feats[i, : len(r.features)] = torch.tensor(r.features, dtype=torch.long)
             slot = {f: k for k, f in enumerate(r.features)}
-            for j, iv in enumerate(r.edits):
+            for j, iv in enumerate(feature_edits[i]):
                 target[i, j] = slot[iv.feature]
                 mode[i, j] = MODES.index(iv.mode)
                 value[i, j] = iv.value
-                in_prompt[i, j] = "prompt" in SCOPE_PHASES[iv.scope]
-                in_generated[i, j] = "generated" in SCOPE_PHASES[iv.scope]
+                phases[:, i, j] = _phases(iv)
+            for j, iv in enumerate(vector_edits[i]):
+                vectors[i, j] = iv.value * torch.as_tensor(iv.direction, dtype=torch.float32)
+                vec_phases[:, i, j] = _phases(iv)
         return EditBatch(
             rows=torch.tensor([i for i, _ in rows], dtype=torch.long, device=device),
             feats=feats.to(device),
@@ -146,9 +183,17 @@ class EditBatch:
             target=target.to(device),
             mode=mode.to(device),
             value=value.to(device=device, dtype=dtype),
-            in_prompt=in_prompt.to(device),
-            in_generated=in_generated.to(device),
+            in_prompt=phases[0].to(device),
+            in_generated=phases[1].to(device),
+            vectors=vectors.to(device=device, dtype=dtype),
+            vec_in_prompt=vec_phases[0].to(device),
+            vec_in_generated=vec_phases[1].to(device),
         )
+
+
+def _phases(iv: Intervention) -> Tensor:
+    """``[applies in the prefill, applies at decode steps]`` for the edit's scope."""
+    return torch.tensor([phase in SCOPE_PHASES[iv.scope] for phase in ("prompt", "generated")])
 
 
 def apply_edits(
@@ -160,11 +205,15 @@ def apply_edits(
     prompt (prefill). Returns ``(h', f_before, f_after)``, the latter two ``(b, T, U)``.
     """
     b, t, d = h.shape
-    f = sae.encode(h.reshape(b * t, d)).view(b, t, -1)  # (b, T, d_sae)
     u, m = eb.feats.shape[1], eb.target.shape[1]
+    h_new = _add_vectors(h, eb, generated)
+    if u == 0:  # vector edits only: no feature to read
+        none = torch.zeros((b, t, 0), device=h.device)
+        return h_new, none, none
+    f = sae.encode(h.reshape(b * t, d)).view(b, t, -1)  # (b, T, d_sae)
     f_u = f.gather(-1, eb.feats[:, None, :].expand(b, t, u))  # (b, T, U)
     if m == 0:
-        return h, f_u, f_u
+        return h_new, f_u, f_u
     target = eb.target[:, None, :].expand(b, t, m)
     f_t = f_u.gather(-1, target)  # (b, T, M): each edit's feature before the edit
     v = eb.value[:, None, :]  # (b, 1, M)
@@ -174,14 +223,24 @@ def apply_edits(
         new = torch.where(mode == index, edit(f_t, v), new)
     applies = eb.in_generated if generated else eb.in_prompt  # (b, M)
     if not bool(applies.any()):
-        return h, f_u, f_u  # nothing applies in this phase: leave h bit-identical
+        return h_new, f_u, f_u  # no feature edit applies in this phase
     delta_m = torch.where(applies[:, None, :], new - f_t, 0.0)  # (b, T, M)
     # At most one edit per feature applies in a phase (validated), so scatter_add just places it.
     delta_u = torch.zeros_like(f_u).scatter_add_(-1, target, delta_m)  # (b, T, U)
     w_dec = sae.W_dec[eb.feats]  # (b, U, d_in)
     # The SAE computes in its own dtype (float32); the edit joins the residual in the model's.
-    h_new = h + torch.einsum("btu,bud->btd", delta_u, w_dec).to(h.dtype)
+    h_new = h_new + torch.einsum("btu,bud->btd", delta_u, w_dec).to(h.dtype)
     return h_new, f_u, f_u + delta_u
+
+
+def _add_vectors(h: Tensor, eb: EditBatch, generated: bool) -> Tensor:
+    """``h`` plus the rows' vector edits that apply in this phase; ``h`` itself (the same
+    object: bit-identical) when none does."""
+    applies = eb.vec_in_generated if generated else eb.vec_in_prompt  # (b, K)
+    if not bool(applies.any()):
+        return h
+    add = (eb.vectors * applies[..., None]).sum(dim=1)  # (b, d_in): Σ_k value_k · v_k
+    return h + add[:, None, :].to(h.dtype)
 
 
 @dataclass

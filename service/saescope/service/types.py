@@ -114,10 +114,11 @@ class ActivationsResult:
 # ---- steering ---------------------------------------
 @dataclass(frozen=True)
 class Intervention:
-    feature: int
+    feature: int  # ignored by vector modes (``direction``)
     mode: InterventionMode
     value: float = 0.0
     scope: Scope = "all"
+    direction: np.ndarray | None = field(default=None, compare=False)  # (d_in,) vector modes
 
 
 @dataclass(frozen=True)

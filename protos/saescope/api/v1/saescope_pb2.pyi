@@ -671,6 +671,10 @@ class Intervention(_message.Message):
         """Multiply the feature by `value`."""
         MODE_ABLATE: Intervention._Mode.ValueType  # 4
         """Set the feature to 0 (`value` ignored)."""
+        MODE_DIRECTION: Intervention._Mode.ValueType  # 5
+        """Add `value` × `direction` to the residual stream at the SAE's hookpoint: a steering
+        vector (e.g. a contrast search's `difference_in_means`), not a feature (`feature` ignored).
+        """
 
     class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
     MODE_UNSPECIFIED: Intervention.Mode.ValueType  # 0
@@ -682,6 +686,10 @@ class Intervention(_message.Message):
     """Multiply the feature by `value`."""
     MODE_ABLATE: Intervention.Mode.ValueType  # 4
     """Set the feature to 0 (`value` ignored)."""
+    MODE_DIRECTION: Intervention.Mode.ValueType  # 5
+    """Add `value` × `direction` to the residual stream at the SAE's hookpoint: a steering
+    vector (e.g. a contrast search's `difference_in_means`), not a feature (`feature` ignored).
+    """
 
     class _Scope:
         ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -708,11 +716,18 @@ class Intervention(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
     feature: _builtins.int
     mode: Global___Intervention.Mode.ValueType
     value: _builtins.float
     """Finite, |value| ≤ 10000 (feature values are in model units)."""
     scope: Global___Intervention.Scope.ValueType
+    @_builtins.property
+    def direction(self) -> Global___DenseTensor:
+        """MODE_DIRECTION only (and required there): the vector, shape (d_in,), finite entries with
+        |x| ≤ 10000. It is added as given (not normalised), times `value`.
+        """
+
     def __init__(
         self,
         *,
@@ -720,10 +735,11 @@ class Intervention(_message.Message):
         mode: Global___Intervention.Mode.ValueType = ...,
         value: _builtins.float = ...,
         scope: Global___Intervention.Scope.ValueType = ...,
+        direction: Global___DenseTensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "mode", b"mode", "scope", b"scope", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "feature", b"feature", "mode", b"mode", "scope", b"scope", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1161,9 +1177,13 @@ class SearchFeaturesByContrastResponse(_message.Message):
     POSITIVE_HITS_FIELD_NUMBER: _builtins.int
     NEGATIVE_HITS_FIELD_NUMBER: _builtins.int
     FEATURES_TESTED_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_IN_MEANS_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_IN_MEANS_NORM_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     features_tested: _builtins.int
     """Features tested (active in at least one prompt); the size of the multiple-comparison family."""
+    difference_in_means_norm: _builtins.float
+    """Its Euclidean norm, in model units."""
     @_builtins.property
     def positive_hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContrastHit]:
         """Features more active with the concept, strongest effect first."""
@@ -1172,6 +1192,14 @@ class SearchFeaturesByContrastResponse(_message.Message):
     def negative_hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContrastHit]:
         """Features more active without it, strongest effect first."""
 
+    @_builtins.property
+    def difference_in_means(self) -> Global___DenseTensor:
+        """The difference in means of the residual stream at the SAE's hookpoint, positive minus
+        negative, shape (d_in,): each set's mean over its prompts of each prompt's mean over the
+        positions counted above (AxBench's DiffMean steering vector). Steer with it as an
+        Intervention of MODE_DIRECTION.
+        """
+
     def __init__(
         self,
         *,
@@ -1179,10 +1207,12 @@ class SearchFeaturesByContrastResponse(_message.Message):
         positive_hits: _abc.Iterable[Global___ContrastHit] | None = ...,
         negative_hits: _abc.Iterable[Global___ContrastHit] | None = ...,
         features_tested: _builtins.int = ...,
+        difference_in_means: Global___DenseTensor | None = ...,
+        difference_in_means_norm: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["difference_in_means", b"difference_in_means"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["features_tested", b"features_tested", "negative_hits", b"negative_hits", "positive_hits", b"positive_hits", "sae_id", b"sae_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["difference_in_means", b"difference_in_means", "difference_in_means_norm", b"difference_in_means_norm", "features_tested", b"features_tested", "negative_hits", b"negative_hits", "positive_hits", b"positive_hits", "sae_id", b"sae_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -98,7 +98,8 @@ class SaeScopeServicer:
 
     def GenerateSteered(self, request, context):
         """Generate text with features clamped, added to, multiplied or ablated, keeping the SAE's
-        error term: x' = x + dec(f') − dec(f). Returns when generation ends.
+        error term: x' = x + dec(f') − dec(f); or with a steering vector added (MODE_DIRECTION:
+        x' = x + value · v). Returns when generation ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,7 +114,8 @@ class SaeScopeServicer:
 
     def SearchFeaturesByContrast(self, request, context):
         """Rank features by how differently they fire on two prompt sets (with / without a concept),
-        in both directions, with effect sizes and multiple-comparison corrected p-values.
+        in both directions, with effect sizes and multiple-comparison corrected p-values; and the
+        sets' difference in means of the residual stream, a steering vector of the concept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

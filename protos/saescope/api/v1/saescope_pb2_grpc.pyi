@@ -59,13 +59,15 @@ class SaeScopeStub:
     """
     GenerateSteered: _grpc.UnaryUnaryMultiCallable[_saescope_pb2.GenerateSteeredRequest, _saescope_pb2.GenerateSteeredResponse]
     """Generate text with features clamped, added to, multiplied or ablated, keeping the SAE's
-    error term: x' = x + dec(f') − dec(f). Returns when generation ends.
+    error term: x' = x + dec(f') − dec(f); or with a steering vector added (MODE_DIRECTION:
+    x' = x + value · v). Returns when generation ends.
     """
     StreamGenerateSteered: _grpc.UnaryStreamMultiCallable[_saescope_pb2.GenerateSteeredRequest, _saescope_pb2.GenerateSteeredEvent]
     """As GenerateSteered, streamed token by token. Cancelling the call stops decoding."""
     SearchFeaturesByContrast: _grpc.UnaryUnaryMultiCallable[_saescope_pb2.SearchFeaturesByContrastRequest, _saescope_pb2.SearchFeaturesByContrastResponse]
     """Rank features by how differently they fire on two prompt sets (with / without a concept),
-    in both directions, with effect sizes and multiple-comparison corrected p-values.
+    in both directions, with effect sizes and multiple-comparison corrected p-values; and the
+    sets' difference in means of the residual stream, a steering vector of the concept.
     """
     GetFeature: _grpc.UnaryUnaryMultiCallable[_saescope_pb2.GetFeatureRequest, _saescope_pb2.GetFeatureResponse]
     """One feature: decoder-direction statistics, density, the output tokens it promotes and
@@ -85,13 +87,15 @@ class SaeScopeAsyncStub(SaeScopeStub):
     """
     GenerateSteered: _aio.UnaryUnaryMultiCallable[_saescope_pb2.GenerateSteeredRequest, _saescope_pb2.GenerateSteeredResponse]  # type: ignore[assignment]
     """Generate text with features clamped, added to, multiplied or ablated, keeping the SAE's
-    error term: x' = x + dec(f') − dec(f). Returns when generation ends.
+    error term: x' = x + dec(f') − dec(f); or with a steering vector added (MODE_DIRECTION:
+    x' = x + value · v). Returns when generation ends.
     """
     StreamGenerateSteered: _aio.UnaryStreamMultiCallable[_saescope_pb2.GenerateSteeredRequest, _saescope_pb2.GenerateSteeredEvent]  # type: ignore[assignment]
     """As GenerateSteered, streamed token by token. Cancelling the call stops decoding."""
     SearchFeaturesByContrast: _aio.UnaryUnaryMultiCallable[_saescope_pb2.SearchFeaturesByContrastRequest, _saescope_pb2.SearchFeaturesByContrastResponse]  # type: ignore[assignment]
     """Rank features by how differently they fire on two prompt sets (with / without a concept),
-    in both directions, with effect sizes and multiple-comparison corrected p-values.
+    in both directions, with effect sizes and multiple-comparison corrected p-values; and the
+    sets' difference in means of the residual stream, a steering vector of the concept.
     """
     GetFeature: _aio.UnaryUnaryMultiCallable[_saescope_pb2.GetFeatureRequest, _saescope_pb2.GetFeatureResponse]  # type: ignore[assignment]
     """One feature: decoder-direction statistics, density, the output tokens it promotes and
@@ -132,7 +136,8 @@ class SaeScopeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_saescope_pb2.GenerateSteeredResponse, _abc.Awaitable[_saescope_pb2.GenerateSteeredResponse]]:
         """Generate text with features clamped, added to, multiplied or ablated, keeping the SAE's
-        error term: x' = x + dec(f') − dec(f). Returns when generation ends.
+        error term: x' = x + dec(f') − dec(f); or with a steering vector added (MODE_DIRECTION:
+        x' = x + value · v). Returns when generation ends.
         """
 
     @_abc_1.abstractmethod
@@ -150,7 +155,8 @@ class SaeScopeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_saescope_pb2.SearchFeaturesByContrastResponse, _abc.Awaitable[_saescope_pb2.SearchFeaturesByContrastResponse]]:
         """Rank features by how differently they fire on two prompt sets (with / without a concept),
-        in both directions, with effect sizes and multiple-comparison corrected p-values.
+        in both directions, with effect sizes and multiple-comparison corrected p-values; and the
+        sets' difference in means of the residual stream, a steering vector of the concept.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,95 @@
+"""The steering evaluation's report: per concept and method, the best result within the fluency
+budget, the aggregate, and each judge's accuracy, as Markdown (``STEERING.md``'s tables)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from saescope.service.steer_eval.run import FLUENCY_BUDGET, METHODS, Result, Run
+
+
+def best_within_budget(runs: list[Run]) -> Run | None:
+    """The run with the highest concept score whose relative perplexity is within the budget
+    (ties: the more fluent)."""
+    fluent = [r for r in runs if r.relative_ppl <= FLUENCY_BUDGET]
+    return max(fluent, key=lambda r: (r.concept_score, -r.relative_ppl), default=None)
+
+
+def summary(result: Result) -> list[dict[str, Any]]:
+    """One row per concept: each method's best concept score within the budget (its strength),
+    and which steering method (not prompting) came first."""
+    by: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r in result.runs:
+        by[(r.concept, r.method)].append(r)
+    rows = []
+    for concept in dict.fromkeys(r.concept for r in result.runs):
+        row: dict[str, Any] = {
+            "concept": concept,
+            "judge acc.": round(result.judge_accuracy[concept], 2),
+        }
+        for method in METHODS:
+            best = best_within_budget(by.get((concept, method), []))
+            row[method] = "–" if best is None else _cell(best)
+        rows.append(row)
+    return rows
+
+
+def aggregates(result: Result) -> list[dict[str, Any]]:
+    """Per method, the mean over concepts of its best harmonic-mean aggregate (any strength)."""
+    best: dict[tuple[str, str], float] = {}
+    for r in result.runs:
+        key = (r.concept, r.method)
+        best[key] = max(best.get(key, 0.0), r.aggregate)
+    concepts = sorted({c for c, _ in best})
+    rows = []
+    for method in METHODS:
+        values = [best.get((c, method), 0.0) for c in concepts]
+        rows.append({"method": method, "mean best aggregate": round(sum(values) / len(values), 3)})
+    return rows
+
+
+def sae_vs_diffmean(result: Result) -> tuple[int, int]:
+    """(concepts where an SAE method's best score within the budget reaches DiffMean's, of all)."""
+    wins = total = 0
+    for row in summary(result):
+        total += 1
+        diff = _score(row["diffmean"])
+        sae = max(_score(row[m]) for m in METHODS if m.startswith("sae_"))
+        wins += sae >= diff
+    return wins, total
+
+
+def _cell(r: Run) -> str:
+    strength = "" if r.method in ("none", "prompt") else f" ×{r.strength:g}"
+    return f"{r.concept_score:.2f}{strength} (ppl {r.relative_ppl:.1f})"
+
+
+def _score(cell: str) -> float:
+    return 0.0 if cell == "–" else float(cell.split()[0])
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_no rows_"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: Result) -> str:
+    """The tables and the headline of one evaluation."""
+    wins, total = sae_vs_diffmean(result)
+    return "\n\n".join(
+        [
+            "Best concept score per method within the fluency budget (relative perplexity ≤ "
+            f"{FLUENCY_BUDGET:g}); cells: score ×strength (relative perplexity); – : no strength "
+            "stayed fluent:",
+            markdown_table(summary(result)),
+            "Mean over concepts of each method's best harmonic mean of concept score and fluency:",
+            markdown_table(aggregates(result)),
+            f"**An SAE method reaches the difference-in-means vector's score on {wins} of "
+            f"{total} concepts** (within the fluency budget).",
+        ]
+    )

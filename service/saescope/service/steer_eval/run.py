@@ -1,0 +1,234 @@
+"""The steering evaluation: every concept × method × strength on the same prompts, judged.
+
+For each concept (``concepts``), on its *find* sentences: a contrast search (the SAE's top
+hits) and the difference-in-means vector. Then the same chat prompts (``GENERATION_PROMPTS``),
+greedy, the same token budget, under each method and strength:
+
+- ``none``: the model as it is; ``prompt``: the concept's instruction as a system prompt;
+- ``diffmean``: the difference-in-means vector added at the SAE's hookpoint, × strength
+  (AxBench's strongest vector method; Wu et al. 2025);
+- ``sae_add`` / ``sae_clamp``: the top contrast hit added / clamped to strength × its typical
+  value (the positive set's mean per-prompt maximum), error term kept (the paper's method);
+- ``sae_clamp_top5``: the top five hits clamped together, each to strength × its own value.
+
+Each continuation is judged (``judges``: never the SAE, never the model), and its fluency
+measured: the perplexity of the continuation on its own under the unsteered model (an English
+prompt makes any French continuation unlikely by design, so it is not conditioned on the
+prompt), relative to natural text — the higher perplexity of the concept's held-out sentences
+and of held-out neutral English, since a fluent continuation may be either (code is far more
+predictable than prose: against code alone, every English reply would look broken) — and the
+rate of repeated token 3-grams. All steering runs in process on the engine (``Engine``): what the
+service would do, without Ray in the measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saescope.service import types as t
+from saescope.service.engine import Engine
+from saescope.service.steer_eval import judges
+from saescope.service.steer_eval.concepts import (
+    CONCEPTS,
+    FIND,
+    GENERATION_PROMPTS,
+    NEUTRAL_ENGLISH,
+    Concept,
+)
+
+METHODS = ("none", "prompt", "diffmean", "sae_add", "sae_clamp", "sae_clamp_top5")
+FLUENCY_BUDGET = 2.0  # relative perplexity a result may reach and still count
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate, and how much of it."""
+
+    sae: Path | None = None
+    """The SAE checkpoint (its hookpoint is where every method steers); or an engine's."""
+    sae_id: str = ""
+    """With an engine given: which of its SAEs (default: its default SAE)."""
+    model: str = "default"
+    concepts: tuple[str, ...] = ()
+    """Concept names (empty: all)."""
+    prompts: int = 16
+    """How many of ``GENERATION_PROMPTS`` to continue."""
+    max_new_tokens: int = 24
+    strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    device: str = "cpu"
+
+
+@dataclass
+class Run:
+    """One concept × method × strength: its continuations and their scores."""
+
+    concept: str
+    method: str
+    strength: float
+    concept_score: float  # fraction judged to show the concept
+    relative_ppl: float  # continuations' perplexity / the concept's natural text's
+    repetition: float  # repeated token 3-grams, fraction
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def fluency(self) -> float:
+        """1 within the fluency budget, decaying beyond it."""
+        return min(1.0, FLUENCY_BUDGET / self.relative_ppl) if self.relative_ppl > 0 else 0.0
+
+    @property
+    def aggregate(self) -> float:
+        """Harmonic mean of concept score and fluency (AxBench's style of aggregate)."""
+        a, b = self.concept_score, self.fluency
+        return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
+
+
+@dataclass
+class Result:
+    """The whole evaluation: its runs, each judge's accuracy, and what was found per concept."""
+
+    runs: list[Run]
+    judge_accuracy: dict[str, float]
+    found: dict[str, dict[str, Any]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runs": [
+                asdict(r) | {"fluency": r.fluency, "aggregate": r.aggregate} for r in self.runs
+            ],
+            "judge_accuracy": self.judge_accuracy,
+            "found": self.found,
+            "seconds": self.seconds,
+        }
+
+
+def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print) -> Result:
+    """Run the evaluation (see the module docstring)."""
+    start = time.perf_counter()
+    if engine is None:
+        if cfg.sae is None:
+            raise ValueError("sae: an SAE checkpoint is required")
+        engine = Engine(cfg.model, {"eval": cfg.sae}, device=cfg.device)
+    sae_id = cfg.sae_id or engine.rt.default_sae_id
+    chosen = [c for c in CONCEPTS if not cfg.concepts or c.name in cfg.concepts]
+    prompts = list(GENERATION_PROMPTS[: cfg.prompts])
+    runs: list[Run] = []
+    found: dict[str, dict[str, Any]] = {}
+    accuracy = {c.name: judges.judge_accuracy(c) for c in chosen}
+    neutral = _perplexity(engine, list(NEUTRAL_ENGLISH[FIND:]))
+    for concept in chosen:
+        hits, vector, norm = _find(engine, sae_id, concept)
+        found[concept.name] = {
+            "top_hits": [(h.feature, round(h.auroc, 3), round(h.mean_positive, 3)) for h in hits],
+            "difference_in_means_norm": norm,
+        }
+        reference = max(_perplexity(engine, list(concept.heldout_positive)), neutral)
+        for method, strength, edits, system in _configs(cfg, concept, hits, vector):
+            texts = _generate(engine, sae_id, prompts, edits, system, cfg.max_new_tokens)
+            judge = judges.judge_for(concept)
+            run = Run(
+                concept=concept.name,
+                method=method,
+                strength=strength,
+                concept_score=sum(judges.shows(judge, x) for x in texts) / len(texts),
+                relative_ppl=_perplexity(engine, texts) / reference,
+                repetition=float(np.mean([_repetition(engine, x) for x in texts])),
+                examples=texts[:3],
+            )
+            runs.append(run)
+            log(
+                f"{concept.name:20s} {method:15s} ×{strength:<4g} concept {run.concept_score:.2f}"
+                f" · rel. ppl {run.relative_ppl:.2f} · repetition {run.repetition:.2f}"
+            )
+    return Result(runs, accuracy, found, time.perf_counter() - start)
+
+
+# ---- what steers -----------------------------------------------------------------------------
+def _find(engine: Engine, sae_id: str, concept: Concept) -> tuple[list[Any], np.ndarray, float]:
+    """The top 5 positive contrast hits and the difference-in-means vector of the find sets."""
+    res = engine.contrast(
+        t.ContrastRequest(
+            positive=[t.Prompt(text=s) for s in concept.find_positive],
+            negative=[t.Prompt(text=s) for s in concept.find_negative],
+            sae_id=sae_id,
+            top_n=5,
+        )
+    )
+    vector = np.asarray(res.difference_in_means, dtype=np.float32)
+    return list(res.positive_hits), vector, res.difference_in_means_norm
+
+
+def _configs(
+    cfg: EvalConfig, concept: Concept, hits: list[Any], vector: np.ndarray
+) -> Iterable[tuple[str, float, list[t.Intervention], str | None]]:
+    """(method, strength, interventions, system prompt) for every run of one concept."""
+    yield "none", 0.0, [], None
+    yield "prompt", 0.0, [], concept.instruction
+    for s in cfg.strengths:
+        yield "diffmean", s, [t.Intervention(0, "direction", s, direction=vector)], None
+        if hits:
+            top = hits[0]
+            yield "sae_add", s, [t.Intervention(top.feature, "add", s * top.mean_positive)], None
+            clamp = t.Intervention(top.feature, "clamp", s * top.mean_positive)
+            yield "sae_clamp", s, [clamp], None
+            yield (
+                "sae_clamp_top5",
+                s,
+                [t.Intervention(h.feature, "clamp", s * h.mean_positive) for h in hits[:5]],
+                None,
+            )
+
+
+def _generate(
+    engine: Engine,
+    sae_id: str,
+    prompts: list[str],
+    edits: list[t.Intervention],
+    system: str | None,
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuations of every prompt, submitted together (the decode batcher batches)."""
+    handles = []
+    for text in prompts:
+        chat = (t.ChatMessage("system", system),) if system else ()
+        prompt = t.Prompt(chat=(*chat, t.ChatMessage("user", text)), add_generation_prompt=True)
+        req = t.GenerateRequest(
+            prompt=prompt,
+            sae_id=sae_id,
+            interventions=edits,
+            sampling=t.Sampling(max_new_tokens=max_new_tokens),
+        )
+        handles.append(engine.submit_generate(req))
+    return [h.result().steered.text for h in handles]
+
+
+# ---- fluency ---------------------------------------------------------------------------------
+@torch.inference_mode()
+def _perplexity(engine: Engine, texts: list[str]) -> float:
+    """exp(mean negative log-likelihood per token) of the texts, each on its own (BOS-less
+    tokenisation; the first token is context), under the unsteered model."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = engine.rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=engine.rt.device)
+        logits = engine.rt.model(x).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
+        total, count = total + float(nll), count + len(ids) - 1
+    return math.exp(total / count) if count else float("inf")
+
+
+def _repetition(engine: Engine, text: str) -> float:
+    """Fraction of the text's token 3-grams that repeat an earlier one."""
+    ids = engine.rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+    grams = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0

@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", type=Path, default=DEFAULT_SAE, help="an SAE of the default model")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--strengths", default="1,2,4,8")
+    p.add_argument("--strengths", default="0.5,1,2,4")
     return p
 
 

@@ -4,9 +4,12 @@ small run on the tiny model end to end (every method, scores in range, the repor
 from __future__ import annotations
 
 import ast
+import json
+from pathlib import Path
 
 import pytest
 
+from saescope.cli.main import main
 from saescope.service.engine import Engine
 from saescope.service.steer_eval import judges, report
 from saescope.service.steer_eval.concepts import (
@@ -78,3 +81,32 @@ def test_a_small_run_on_the_tiny_model() -> None:
     assert set(result.found) == set(names)
     text = report.markdown(result)
     assert all(m in text for m in METHODS) and "difference-in-means" in text
+
+
+def test_the_command_writes_its_report(tmp_path: Path) -> None:
+    """``saescope steer-eval CHECKPOINT`` on the tiny model: JSON and Markdown written."""
+    setup = tiny_setup()
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "steer-eval",
+            str(setup.saes["main"]),
+            "--model",
+            str(setup.model_dir),
+            "--concepts",
+            "sea",
+            "--prompts",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--strengths",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    runs = json.loads((out / "steer_eval.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == set(METHODS) and {r["concept"] for r in runs} == {"sea"}
+    assert "| sea |" in (out / "steer_eval.md").read_text()
+    assert main(["steer-eval", str(setup.saes["main"]), "--strengths", "x"]) == 2  # named error

@@ -27,7 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--prompts", type=int, default=16, help="chat prompts continued per run")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument(
-        "--strengths", default="1,2,4,8", help="steering strengths (comma-separated multipliers)"
+        "--strengths",
+        default="0.5,1,2,4",
+        help="edit norms, as multiples of the difference-in-means norm (comma-separated)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("steer_eval"), help="output directory")

@@ -67,6 +67,12 @@ class _StreamState:
             self.result = item
         return item
 
+    def cancel(self) -> None:
+        """Cancel the call (the service stops decoding); iteration ends."""
+        if self._call is not None and not self._done:
+            self._call.cancel()
+        self._done = True
+
     def _final(self) -> GenerationResult:
         if self.result is None:
             raise Internal("INTERNAL", "the stream ended without its final result")
@@ -102,13 +108,9 @@ class TokenStream(_StreamState, Iterator[StreamItem]):
             pass
         return self._final()
 
-    def cancel(self) -> None:
-        """Cancel the call (the service stops decoding); iteration ends."""
-        if self._call is not None and not self._done:
-            self._call.cancel()
-        self._done = True
-
-    close = cancel
+    def close(self) -> None:
+        """The same as ``cancel()``."""
+        self.cancel()
 
     def __enter__(self) -> TokenStream:
         return self
@@ -150,12 +152,6 @@ class AsyncTokenStream(_StreamState, AsyncIterator[StreamItem]):
         async for _ in self:
             pass
         return self._final()
-
-    def cancel(self) -> None:
-        """Cancel the call (the service stops decoding); iteration ends."""
-        if self._call is not None and not self._done:
-            self._call.cancel()
-        self._done = True
 
     async def aclose(self) -> None:
         self.cancel()

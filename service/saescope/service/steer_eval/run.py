@@ -7,9 +7,13 @@ greedy, the same token budget, under each method and strength:
 - ``none``: the model as it is; ``prompt``: the concept's instruction as a system prompt;
 - ``diffmean``: the difference-in-means vector added at the SAE's hookpoint, × strength
   (AxBench's strongest vector method; Wu et al. 2025);
-- ``sae_add`` / ``sae_clamp``: the top contrast hit added / clamped to strength × its typical
-  value (the positive set's mean per-prompt maximum), error term kept (the paper's method);
-- ``sae_clamp_top5``: the top five hits clamped together, each to strength × its own value.
+- ``sae_add`` / ``sae_clamp``: the top contrast hit added / clamped, error term kept (the
+  paper's method);
+- ``sae_clamp_top5``: the top five hits clamped together.
+
+A strength is an edit norm in units of the difference-in-means vector's norm, the same for every
+method (a feature's decoder direction has unit norm: clamped to s·‖v‖, it moves the residual as
+far as the vector × s does, less its current value), so methods compare at equal force.
 
 Each continuation is judged (``judges``: never the SAE, never the model), and its fluency
 measured: the perplexity of the continuation on its own under the unsteered model (an English
@@ -62,7 +66,8 @@ class EvalConfig:
     prompts: int = 16
     """How many of ``GENERATION_PROMPTS`` to continue."""
     max_new_tokens: int = 24
-    strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    """Edit norms, as multiples of the difference-in-means vector's norm (every method)."""
     device: str = "cpu"
 
 
@@ -172,19 +177,19 @@ def _configs(
     """(method, strength, interventions, system prompt) for every run of one concept."""
     yield "none", 0.0, [], None
     yield "prompt", 0.0, [], concept.instruction
+    # Strength s means an edit of norm s × ‖difference in means‖ for every method, so the
+    # methods compare at equal force: the vector is scaled by s; a feature (unit decoder
+    # direction) is added or clamped to s·‖v‖; five features share it (s·‖v‖/√5 each).
+    norm = float(np.linalg.norm(vector))
     for s in cfg.strengths:
         yield "diffmean", s, [t.Intervention(0, "direction", s, direction=vector)], None
         if hits:
-            top = hits[0]
-            yield "sae_add", s, [t.Intervention(top.feature, "add", s * top.mean_positive)], None
-            clamp = t.Intervention(top.feature, "clamp", s * top.mean_positive)
-            yield "sae_clamp", s, [clamp], None
-            yield (
-                "sae_clamp_top5",
-                s,
-                [t.Intervention(h.feature, "clamp", s * h.mean_positive) for h in hits[:5]],
-                None,
-            )
+            top = hits[0].feature
+            yield "sae_add", s, [t.Intervention(top, "add", s * norm)], None
+            yield "sae_clamp", s, [t.Intervention(top, "clamp", s * norm)], None
+            share = s * norm / math.sqrt(len(hits[:5]))
+            five = [t.Intervention(h.feature, "clamp", share) for h in hits[:5]]
+            yield "sae_clamp_top5", s, five, None
 
 
 def _generate(

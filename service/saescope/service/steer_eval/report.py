@@ -36,16 +36,17 @@ def summary(result: Result) -> list[dict[str, Any]]:
 
 
 def aggregates(result: Result) -> list[dict[str, Any]]:
-    """Per method, the mean over concepts of its best harmonic-mean aggregate (any strength)."""
+    """Per method, the mean over the concepts it ran on of its best harmonic-mean aggregate
+    (any strength)."""
     best: dict[tuple[str, str], float] = {}
     for r in result.runs:
         key = (r.concept, r.method)
         best[key] = max(best.get(key, 0.0), r.aggregate)
-    concepts = sorted({c for c, _ in best})
     rows = []
     for method in METHODS:
-        values = [best.get((c, method), 0.0) for c in concepts]
-        rows.append({"method": method, "mean best aggregate": round(sum(values) / len(values), 3)})
+        values = [v for (_, m), v in best.items() if m == method]
+        mean = round(sum(values) / len(values), 3) if values else "–"
+        rows.append({"method": method, "concepts": len(values), "mean best aggregate": mean})
     return rows
 
 

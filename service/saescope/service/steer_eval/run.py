@@ -9,7 +9,11 @@ greedy, the same token budget, under each method and strength:
   (AxBench's strongest vector method; Wu et al. 2025);
 - ``sae_add`` / ``sae_clamp``: the top contrast hit added / clamped, error term kept (the
   paper's method);
-- ``sae_clamp_top5``: the top five hits clamped together.
+- ``sae_clamp_top5``: the top five hits clamped together;
+- ``sae_clamp_specific``: the top hit of a second contrast, against the concept's *siblings*
+  (the other concepts of its judge kind: French against German, Spanish and Italian; the sea
+  against food), clamped. Against neutral English, the four languages share their top hits
+  ("not English" features); against each other, the hits are the language's own.
 
 A strength is an edit norm in units of the difference-in-means vector's norm, the same for every
 method (a feature's decoder direction has unit norm: clamped to s·‖v‖, it moves the residual as
@@ -48,7 +52,15 @@ from saescope.service.steer_eval.concepts import (
     Concept,
 )
 
-METHODS = ("none", "prompt", "diffmean", "sae_add", "sae_clamp", "sae_clamp_top5")
+METHODS = (
+    "none",
+    "prompt",
+    "diffmean",
+    "sae_add",
+    "sae_clamp",
+    "sae_clamp_top5",
+    "sae_clamp_specific",
+)
 FLUENCY_BUDGET = 2.0  # relative perplexity a result may reach and still count
 
 
@@ -130,13 +142,21 @@ def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print)
     accuracy = {c.name: judges.judge_accuracy(c) for c in chosen}
     neutral = _perplexity(engine, list(NEUTRAL_ENGLISH[FIND:]))
     for concept in chosen:
-        hits, vector, norm = _find(engine, sae_id, concept)
+        hits, vector, norm = _find(engine, sae_id, concept, concept.find_negative)
+        siblings = [  # a third of each sibling's find sentences
+            sentence
+            for other in CONCEPTS
+            if other.judge == concept.judge and other is not concept
+            for sentence in other.find_positive[: FIND // 3]
+        ]
+        specific = _find(engine, sae_id, concept, tuple(siblings))[0] if siblings else []
         found[concept.name] = {
             "top_hits": [(h.feature, round(h.auroc, 3), round(h.mean_positive, 3)) for h in hits],
+            "top_hits_against_siblings": [(h.feature, round(h.auroc, 3)) for h in specific],
             "difference_in_means_norm": norm,
         }
         reference = max(_perplexity(engine, list(concept.heldout_positive)), neutral)
-        for method, strength, edits, system in _configs(cfg, concept, hits, vector):
+        for method, strength, edits, system in _configs(cfg, concept, hits, specific, vector):
             texts = _generate(engine, sae_id, prompts, edits, system, cfg.max_new_tokens)
             judge = judges.judge_for(concept)
             run = Run(
@@ -157,12 +177,15 @@ def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print)
 
 
 # ---- what steers -----------------------------------------------------------------------------
-def _find(engine: Engine, sae_id: str, concept: Concept) -> tuple[list[Any], np.ndarray, float]:
-    """The top 5 positive contrast hits and the difference-in-means vector of the find sets."""
+def _find(
+    engine: Engine, sae_id: str, concept: Concept, negative: tuple[str, ...]
+) -> tuple[list[Any], np.ndarray, float]:
+    """The top 5 positive contrast hits of the concept's find sentences against ``negative``,
+    and the difference-in-means vector."""
     res = engine.contrast(
         t.ContrastRequest(
             positive=[t.Prompt(text=s) for s in concept.find_positive],
-            negative=[t.Prompt(text=s) for s in concept.find_negative],
+            negative=[t.Prompt(text=s) for s in negative],
             sae_id=sae_id,
             top_n=5,
         )
@@ -172,7 +195,7 @@ def _find(engine: Engine, sae_id: str, concept: Concept) -> tuple[list[Any], np.
 
 
 def _configs(
-    cfg: EvalConfig, concept: Concept, hits: list[Any], vector: np.ndarray
+    cfg: EvalConfig, concept: Concept, hits: list[Any], specific: list[Any], vector: np.ndarray
 ) -> Iterable[tuple[str, float, list[t.Intervention], str | None]]:
     """(method, strength, interventions, system prompt) for every run of one concept."""
     yield "none", 0.0, [], None
@@ -190,6 +213,9 @@ def _configs(
             share = s * norm / math.sqrt(len(hits[:5]))
             five = [t.Intervention(h.feature, "clamp", share) for h in hits[:5]]
             yield "sae_clamp_top5", s, five, None
+        if specific:
+            own = t.Intervention(specific[0].feature, "clamp", s * norm)
+            yield "sae_clamp_specific", s, [own], None
 
 
 def _generate(

@@ -110,3 +110,7 @@ def test_the_command_writes_its_report(tmp_path: Path) -> None:
     assert {r["method"] for r in runs} == set(METHODS) and {r["concept"] for r in runs} == {"sea"}
     assert "| sea |" in (out / "steer_eval.md").read_text()
     assert main(["steer-eval", str(setup.saes["main"]), "--strengths", "x"]) == 2  # named error
+    with pytest.raises(ValueError, match=r"^concepts: \['klingon'\] are not among"):
+        evaluate(EvalConfig(sae=setup.saes["main"], concepts=("klingon",)))
+    with pytest.raises(ValueError, match=r"^prompts: must be in \[1, 16\]"):
+        evaluate(EvalConfig(sae=setup.saes["main"], prompts=0))

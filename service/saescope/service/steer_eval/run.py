@@ -130,10 +130,15 @@ class Result:
 def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print) -> Result:
     """Run the evaluation (see the module docstring)."""
     start = time.perf_counter()
+    _validate(cfg)
     if engine is None:
         if cfg.sae is None:
             raise ValueError("sae: an SAE checkpoint is required")
-        engine = Engine(cfg.model, {"eval": cfg.sae}, device=cfg.device)
+        own = Engine(cfg.model, {"eval": cfg.sae}, device=cfg.device)
+        try:
+            return evaluate(cfg, engine=own, log=log)
+        finally:
+            own.close()
     sae_id = cfg.sae_id or engine.rt.default_sae_id
     chosen = [c for c in CONCEPTS if not cfg.concepts or c.name in cfg.concepts]
     prompts = list(GENERATION_PROMPTS[: cfg.prompts])
@@ -174,6 +179,17 @@ def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print)
                 f" · rel. ppl {run.relative_ppl:.2f} · repetition {run.repetition:.2f}"
             )
     return Result(runs, accuracy, found, time.perf_counter() - start)
+
+
+def _validate(cfg: EvalConfig) -> None:
+    names = [c.name for c in CONCEPTS]
+    unknown = [c for c in cfg.concepts if c not in names]
+    if unknown:
+        raise ValueError(f"concepts: {unknown} are not among {names}")
+    if not 1 <= cfg.prompts <= len(GENERATION_PROMPTS):
+        raise ValueError(f"prompts: must be in [1, {len(GENERATION_PROMPTS)}], got {cfg.prompts}")
+    if cfg.max_new_tokens < 1 or not cfg.strengths:
+        raise ValueError("max_new_tokens and strengths: at least 1 token and one strength")
 
 
 # ---- what steers -----------------------------------------------------------------------------

@@ -421,9 +421,50 @@ def cases(ctx: Context) -> list[Case]:
         metadata=strict,
     )
 
+    # ---- GenerateSteered and StreamGenerateSteered: the same validation, both RPCs ----
+    for R in ("GenerateSteered", "StreamGenerateSteered"):
+        add(R, "prompt missing", lambda: gen(prompt=None), IA, "prompt")
+        add(
+            R,
+            "max_new_tokens over the limit",
+            lambda: gen(sampling=samp(max_new_tokens=L.max_new_tokens + 1)),
+            OOR,
+            "sampling.max_new_tokens",
+        )
+        add(
+            R,
+            "one stop string over the limit",
+            lambda: gen(sampling=samp(stop=[f"s{i}" for i in range(L.max_stop_strings + 1)])),
+            OOR,
+            "sampling.stop",
+        )
+        add(
+            R,
+            "intervention mode unspecified",
+            lambda: gen(interventions=[iv(mode=0)]),
+            IA,
+            "interventions[0].mode",
+        )
+        add(
+            R,
+            "intervention feature = d_sae",
+            lambda: gen(interventions=[iv(feature=d_sae)]),
+            NF,
+            "interventions[0].feature",
+        )
+        add(R, "unknown sae_id", lambda: gen(sae_id="no-such-sae"), NF, "sae_id")
+        add(R, "text of 3 MiB", lambda: gen(prompt=text("a" * BIG_TEXT_CHARS)), OOR, "prompt.text")
+        add(
+            R,
+            "deadline of 0.3 s on a long generation",
+            lambda: gen(sampling=samp(max_new_tokens=L.max_new_tokens)),
+            Code.DEADLINE_EXCEEDED,
+            None,
+            timeout=0.3,
+        )
+
     # ---- GenerateSteered ----
     R = "GenerateSteered"
-    add(R, "prompt missing", lambda: gen(prompt=None), IA, "prompt")
     add(R, "empty text", lambda: gen(prompt=text("")), IA, "prompt")
     for name, t in [("1e-38", 1e-38), ("-1", -1.0), ("NaN", NAN), ("+inf", INF), ("11", 11.0)]:
         add(
@@ -468,24 +509,10 @@ def cases(ctx: Context) -> list[Case]:
     )
     add(
         R,
-        "max_new_tokens over the limit",
-        lambda: gen(sampling=samp(max_new_tokens=L.max_new_tokens + 1)),
-        OOR,
-        "sampling.max_new_tokens",
-    )
-    add(
-        R,
         "max_new_tokens 2^31-1",
         lambda: gen(sampling=samp(max_new_tokens=2**31 - 1)),
         OOR,
         "sampling.max_new_tokens",
-    )
-    add(
-        R,
-        "one stop string over the limit",
-        lambda: gen(sampling=samp(stop=[f"s{i}" for i in range(L.max_stop_strings + 1)])),
-        OOR,
-        "sampling.stop",
     )
     add(
         R,
@@ -501,13 +528,6 @@ def cases(ctx: Context) -> list[Case]:
         lambda: gen(sampling=samp(stop=["ok", "x" * (L.max_stop_string_chars + 1)])),
         OOR,
         "sampling.stop[1]",
-    )
-    add(
-        R,
-        "intervention mode unspecified",
-        lambda: gen(interventions=[iv(mode=0)]),
-        IA,
-        "interventions[0].mode",
     )
     add(
         R,
@@ -528,13 +548,6 @@ def cases(ctx: Context) -> list[Case]:
         "intervention feature -1",
         lambda: gen(interventions=[iv(feature=-1)]),
         IA,
-        "interventions[0].feature",
-    )
-    add(
-        R,
-        "intervention feature = d_sae",
-        lambda: gen(interventions=[iv(feature=d_sae)]),
-        NF,
         "interventions[0].feature",
     )
     for name, v in [("NaN", NAN), ("-inf", -INF), ("1e38", 1e38)]:
@@ -566,7 +579,6 @@ def cases(ctx: Context) -> list[Case]:
         IA,
         "interventions[1]",
     )
-    add(R, "unknown sae_id", lambda: gen(sae_id="no-such-sae"), NF, "sae_id")
     d_other = ctx.d_sae[other]
     add(
         R,
@@ -575,7 +587,6 @@ def cases(ctx: Context) -> list[Case]:
         NF,
         "interventions[0].feature",
     )
-    add(R, "text of 3 MiB", lambda: gen(prompt=text("a" * BIG_TEXT_CHARS)), OOR, "prompt.text")
     add(
         R,
         "chat with no messages",
@@ -592,14 +603,6 @@ def cases(ctx: Context) -> list[Case]:
     )
     add(
         R,
-        "deadline of 0.3 s on a long generation",
-        lambda: gen(sampling=samp(max_new_tokens=L.max_new_tokens)),
-        Code.DEADLINE_EXCEEDED,
-        None,
-        timeout=0.3,
-    )
-    add(
-        R,
         "edge: seed 2^64-1, temperature 10, top_k 1",
         lambda: gen(sampling=samp(seed=2**64 - 1, temperature=10.0, top_k=1)),
         Code.OK,
@@ -608,7 +611,6 @@ def cases(ctx: Context) -> list[Case]:
 
     # ---- StreamGenerateSteered ----
     R = "StreamGenerateSteered"
-    add(R, "prompt missing", lambda: gen(prompt=None), IA, "prompt")
     add(
         R,
         "temperature 1e-38",
@@ -617,36 +619,6 @@ def cases(ctx: Context) -> list[Case]:
         "sampling.temperature",
     )
     add(R, "top_p 1.5", lambda: gen(sampling=samp(top_p=1.5)), IA, "sampling.top_p")
-    add(
-        R,
-        "max_new_tokens over the limit",
-        lambda: gen(sampling=samp(max_new_tokens=L.max_new_tokens + 1)),
-        OOR,
-        "sampling.max_new_tokens",
-    )
-    add(
-        R,
-        "one stop string over the limit",
-        lambda: gen(sampling=samp(stop=[f"s{i}" for i in range(L.max_stop_strings + 1)])),
-        OOR,
-        "sampling.stop",
-    )
-    add(
-        R,
-        "intervention mode unspecified",
-        lambda: gen(interventions=[iv(mode=0)]),
-        IA,
-        "interventions[0].mode",
-    )
-    add(
-        R,
-        "intervention feature = d_sae",
-        lambda: gen(interventions=[iv(feature=d_sae)]),
-        NF,
-        "interventions[0].feature",
-    )
-    add(R, "unknown sae_id", lambda: gen(sae_id="no-such-sae"), NF, "sae_id")
-    add(R, "text of 3 MiB", lambda: gen(prompt=text("a" * BIG_TEXT_CHARS)), OOR, "prompt.text")
     add(
         R,
         "chat role empty",
@@ -661,14 +633,6 @@ def cases(ctx: Context) -> list[Case]:
         lambda: oversized(gen()),
         Code.RESOURCE_EXHAUSTED,
         "larger than max",
-    )
-    add(
-        R,
-        "deadline of 0.3 s on a long generation",
-        lambda: gen(sampling=samp(max_new_tokens=L.max_new_tokens)),
-        Code.DEADLINE_EXCEEDED,
-        None,
-        timeout=0.3,
     )
     add(
         R,

@@ -64,22 +64,31 @@ def _by_shape(rpc: str, request: Message, result: type[R], timeout: float | None
     return Call(rpc, request, functools.partial(_convert.result, cls=result), timeout)
 
 
-def _bound(build: Callable[..., Any], run: Callable[..., Any]) -> Callable[..., Any]:
-    """``run`` dressed as the method ``build`` describes (name, docstring, signature)."""
-    functools.update_wrapper(run, build)
-    signature = inspect.signature(build)
-    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=list(signature.parameters.values())[1:]  # without self
-    )
-    return run
+class _Method:
+    """What ``rpc`` and ``streaming`` share: the builder, and the name, docstring and signature
+    (``self`` left out) their bound methods wear, worked out once rather than at every call."""
+
+    def __init__(self, build: Callable[..., Any], name: str, doc: str | None) -> None:
+        self.build = build
+        self.__name__, self.__doc__ = name, doc
+        signature = inspect.signature(build)
+        self._signature = signature.replace(  # the builder returns a Call; the method does not
+            parameters=list(signature.parameters.values())[1:],
+            return_annotation=inspect.Signature.empty,
+        )
+
+    def _dress(self, run: Callable[..., Any]) -> Callable[..., Any]:
+        run.__name__, run.__doc__ = self.__name__, self.__doc__
+        run.__qualname__ = f"Methods.{self.__name__}"
+        run.__signature__ = self._signature  # type: ignore[attr-defined]
+        return run
 
 
-class rpc(Generic[P, R]):  # lower case: a decorator, like ``property``
+class rpc(_Method, Generic[P, R]):  # lower case: a decorator, like ``property``
     """A method of both clients; ``build(self, ...)`` returns the ``Call``."""
 
     def __init__(self, build: Callable[Concatenate[Any, P], Call[R]]) -> None:
-        self.build = build
-        self.__name__, self.__doc__ = build.__name__, build.__doc__
+        super().__init__(build, build.__name__, build.__doc__)
 
     @overload
     def __get__(self, client: None, owner: Any) -> rpc[P, R]: ...
@@ -95,15 +104,14 @@ class rpc(Generic[P, R]):  # lower case: a decorator, like ``property``
             # The client builds the call when it runs (AsyncClient: when awaited).
             return client._invoke(functools.partial(self.build, client, *args, **kwargs))
 
-        return _bound(self.build, run)
+        return self._dress(run)
 
 
-class streaming(Generic[P]):
+class streaming(_Method, Generic[P]):
     """The streamed twin of a generation method: the same arguments, token by token."""
 
     def __init__(self, method: rpc[P, GenerationResult], doc: str) -> None:
-        self.build = method.build
-        self.__doc__ = doc
+        super().__init__(method.build, "stream", doc)
 
     @overload
     def __get__(self, client: None, owner: Any) -> streaming[P]: ...
@@ -118,9 +126,7 @@ class streaming(Generic[P]):
         def run(*args: Any, **kwargs: Any) -> Any:
             return client._stream(self.build(client, *args, **kwargs))
 
-        bound = _bound(self.build, run)
-        bound.__name__, bound.__doc__ = "stream", self.__doc__
-        return bound
+        return self._dress(run)
 
 
 class Methods:

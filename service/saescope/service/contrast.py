@@ -152,27 +152,34 @@ def rank(st: Statistics, top_n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- the search ---------------------------------------------------------------------------------
+def kept_positions(ls: LoadedSae, residuals: list[Tensor], encoded: list[Encoded]) -> list[Tensor]:
+    """Per prompt, the positions the search counts ``(T,)``: ``ls.aggregation_mask``, no
+    special tokens."""
+    return [
+        ls.aggregation_mask(x, enc.special_mask(), include_special=False)
+        for x, enc in zip(residuals, encoded, strict=True)
+    ]
+
+
 def aggregate_prompts(
-    ls: LoadedSae, residuals: list[Tensor], encoded: list[Encoded], how: str
+    ls: LoadedSae, residuals: list[Tensor], keeps: list[Tensor], how: str
 ) -> np.ndarray:
-    """``(P, d_sae)`` per-prompt aggregates over the positions ``ls.aggregation_mask`` keeps."""
+    """``(P, d_sae)`` per-prompt aggregates over the kept positions."""
     rows = []
-    for x, enc in zip(residuals, encoded, strict=True):
+    for x, keep in zip(residuals, keeps, strict=True):
         f = ls.sae.encode(x)  # (T, d_sae)
-        include = ls.aggregation_mask(x, enc.special_mask(), include_special=False)
-        rows.append(aggregate(f, include, how).float().cpu())  # type: ignore[arg-type]
+        rows.append(aggregate(f, keep, how).float().cpu())  # type: ignore[arg-type]
     return torch.stack(rows).numpy()
 
 
 def difference_in_means(
-    ls: LoadedSae, residuals: list[Tensor], encoded: list[Encoded], n_positive: int
+    ls: LoadedSae, residuals: list[Tensor], keeps: list[Tensor], n_positive: int
 ) -> np.ndarray:
     """``(d_in,)``: the positive prompts' mean residual minus the negatives' (AxBench's
-    DiffMean), each prompt weighing once (its mean over the positions ``ls.aggregation_mask``
-    keeps; a prompt with none is left out, and a side with none counts as 0)."""
+    DiffMean), each prompt weighing once (its mean over the kept positions; a prompt with none
+    is left out, and a side with none counts as 0)."""
     sides: tuple[list[Tensor], list[Tensor]] = ([], [])
-    for p, (x, enc) in enumerate(zip(residuals, encoded, strict=True)):
-        keep = ls.aggregation_mask(x, enc.special_mask(), include_special=False)
+    for p, (x, keep) in enumerate(zip(residuals, keeps, strict=True)):
         if bool(keep.any()):
             sides[p >= n_positive].append(x[keep].float().mean(dim=0))  # (d_in,)
     pos, neg = (
@@ -188,19 +195,19 @@ def locations(
     ls: LoadedSae,
     residuals: list[Tensor],
     encoded: list[Encoded],
+    keeps: list[Tensor],
     positive: list[bool],
     features: list[int],
     per_hit: int,
 ) -> list[list[FeatureLocation]]:
     """For each feature, its ``per_hit`` strongest active (prompt, token) places among the
-    positions ``ls.aggregation_mask`` keeps."""
+    kept positions."""
     found: list[list[tuple[float, int, int]]] = [[] for _ in features]  # (value, prompt, token)
     if per_hit == 0 or not features:
         return [[] for _ in features]
     cols = torch.tensor(features, device=residuals[0].device)
-    for p, (x, enc) in enumerate(zip(residuals, encoded, strict=True)):
+    for p, (x, keep) in enumerate(zip(residuals, keeps, strict=True)):
         f = ls.sae.encode(x)[:, cols].float()  # (T, H)
-        keep = ls.aggregation_mask(x, enc.special_mask(), include_special=False)
         f = f.masked_fill(~keep[:, None], 0.0)
         top = f.topk(min(per_hit, f.shape[0]), dim=0)  # (k, H)
         for h, (vals, toks) in enumerate(
@@ -241,13 +248,14 @@ def search(
 ) -> ContrastResult:
     """Rank features for ``req``; ``residuals``/``encoded`` hold positives, then negatives."""
     with torch.inference_mode():
-        agg = aggregate_prompts(ls, residuals, encoded, req.aggregation)  # (P, d_sae)
+        keeps = kept_positions(ls, residuals, encoded)
+        agg = aggregate_prompts(ls, residuals, keeps, req.aggregation)  # (P, d_sae)
         st = contrast_statistics(agg[:n_positive], agg[n_positive:])
         up, down = rank(st, top_n)
         hits = [int(st.features[i]) for i in [*up, *down]]
         positive = [i < n_positive for i in range(len(encoded))]
-        locs = locations(ls, residuals, encoded, positive, hits, per_hit)
-        dim = difference_in_means(ls, residuals, encoded, n_positive)
+        locs = locations(ls, residuals, encoded, keeps, positive, hits, per_hit)
+        dim = difference_in_means(ls, residuals, keeps, n_positive)
 
     def hit(i: int, where: list[FeatureLocation]) -> ContrastHit:
         return ContrastHit(

@@ -4,7 +4,7 @@ Runs ``saescope.service.steer_eval`` (every concept × method × strength, judge
 independent judges, fluency measured) and replaces the block between ``<!-- steer:begin -->``
 and ``<!-- steer:end -->`` in STEERING.md with the machine, the commit and the tables; the rest
 of that page is written by hand. The raw runs (with example continuations) go to
-``bench/results/steer_eval.json``.
+``bench/results/steer_eval_runs.json``, the plot to ``bench/results/steer_eval.png``.
 
     python -m bench.steer_eval                        # the default SAE (trained by `make serve`)
     python -m bench.steer_eval --sae runs/x/final     # any SAE of the default model
@@ -67,6 +67,7 @@ def measure(args: argparse.Namespace) -> None:
         caption="Best concept score per method within the fluency budget",
     )
     (args.out / f"{NAME}_runs.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    report.plot(result, args.out / f"{NAME}.png")
     if args.out.resolve() == common.RESULTS_DIR.resolve() and not args.quick:
         _write_doc(report.markdown(result), machine, params)
 
@@ -76,7 +77,8 @@ def _write_doc(tables: str, machine: dict[str, object], params: dict[str, object
         f"_{machine['date']}, commit `{machine['commit']}`, {machine['cpu']}, "
         f"{machine['nproc']} cores; " + ", ".join(f"{k} = {v}" for k, v in params.items()) + "._"
     )
-    block = f"<!-- steer:begin -->\n{head}\n\n{tables}\n<!-- steer:end -->"
+    figure = f"![concept score against strength and fluency](bench/results/{NAME}.png)"
+    block = f"<!-- steer:begin -->\n{head}\n\n{tables}\n\n{figure}\n<!-- steer:end -->"
     text = DOC.read_text() if DOC.is_file() else "<!-- steer:begin -->\n<!-- steer:end -->\n"
     pattern = r"<!-- steer:begin -->.*?<!-- steer:end -->"
     DOC.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))

@@ -48,6 +48,11 @@ async function main() {
     const feat = await client.feature(3, { topLogits: 3 });
     console.log(`feature 3 promotes: ${feat.promoted.map((t) => JSON.stringify(t.token)).join(' ')}`);
 
+    // Which features make the model predict its next token (activation × gradient).
+    const why = await client.attribute(prompt, { topN: 3 });
+    const top = why.features.map((f) => `${f.feature} ${f.attribution.toFixed(3)}`).join(', ');
+    console.log(`attribution of ${JSON.stringify(why.target.text)}: ${top}; error ${why.error.toFixed(3)}, total ${why.total.toFixed(3)}`);
+
     try {
       await client.activations([prompt], { saeId: 'no-such-sae' });
     } catch (err) {

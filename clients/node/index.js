@@ -5,6 +5,7 @@
 //   const info = await client.info();
 //   const acts = await client.activations(['The cat sat'], { topK: 3 });
 //   const gen = await client.generate('I think', { interventions: [clamp(12, 8)] });
+//   const why = await client.attribute('The Eiffel Tower is in', { target: ' Paris' });
 //   for await (const ev of client.stream('Once upon a time', { maxNewTokens: 20 })) { ... }
 //   client.close();
 //
@@ -136,6 +137,23 @@ const interventions = Object.freeze(
   Object.fromEntries(MODES.map((mode) => [mode, constructor(mode)])),
 );
 const { clamp, add, multiply, ablate, direction } = interventions;
+
+/**
+ * The intervention, applied only where a condition holds (read before any edit):
+ * `when(clamp(5, 0), { feature: 77, above: 2 })` — feature 77's value above 2 — or
+ * `when(add(5, 3), { direction: vector, above: 1.5 })` — the residual's projection on the
+ * vector's unit direction above 1.5. A completion's `fired` (and each streamed token's) says
+ * where it applied.
+ */
+function when(edit, { feature, direction: vector, above = 0 } = {}) {
+  if ((feature === undefined) === (vector === undefined)) {
+    throw new TypeError('when: give exactly one of feature and direction');
+  }
+  const condition = { threshold: above };
+  if (feature !== undefined) condition.feature = feature;
+  else condition.direction = arrayToDense(vector);
+  return { ...edit, condition };
+}
 
 /** A DenseTensor's values (little-endian float32) as a Float32Array. */
 function denseToArray(tensor) {
@@ -274,6 +292,23 @@ class SaeScopeClient {
     return this._unary('GetFeature', request, opts.timeoutMs);
   }
 
+  /**
+   * Which features make the model predict `opts.target` after `prompt` (a token id, or a text
+   * that is one token, e.g. ' Paris'; default: the model's own next token): each feature's
+   * attribution (activation × gradient of log p(target)), plus the error, bias, skipped and
+   * total nodes. A chat gets the assistant header: the target is then the reply's first token.
+   */
+  attribute(prompt, opts = {}) {
+    const request = { saeId: opts.saeId || '', prompt: toPrompt(prompt, true), topN: opts.topN || 10 };
+    const { target } = opts;
+    if (typeof target === 'string') request.targetText = target;
+    else if (Number.isInteger(target)) request.targetToken = target;
+    else if (target !== undefined && target !== null) {
+      throw new TypeError(`target: expected a token id or a text, got ${JSON.stringify(target)}`);
+    }
+    return this._unary('AttributeFeatures', request, opts.timeoutMs);
+  }
+
   close() {
     this.stub.close();
   }
@@ -288,6 +323,7 @@ module.exports = {
   multiply,
   ablate,
   direction,
+  when,
   MODES,
   arrayToDense,
   SCOPES,

@@ -14,7 +14,7 @@ import pytest
 
 from saescope.cli.main import main
 from saescope.cli.query import load_prompts
-from saescope.client import Client, Info, direction
+from saescope.client import Client, Info, add, clamp, direction
 from tests.support.serve import ServeInstance
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -149,6 +149,55 @@ def test_steer_with_a_saved_difference_in_means(
     assert e.value.code == 2
 
 
+def test_steer_when(query: Query, client: Client, tmp_path: Path) -> None:
+    """``--when`` conditions the intervention before it, on a feature or a vector in a file,
+    exactly as the SDK's ``.when()``; the summary says where it fired."""
+    top = client.activations(PROMPT, top_k_aggregated=1).prompts[0].top_features[0]
+    threshold = round(top.value / 2, 3)
+    expected = client.generate(
+        PROMPT,
+        interventions=[clamp(3, 20.0).when(top.feature, above=threshold)],
+        max_new_tokens=5,
+    )
+    assert expected.steered.fired and expected.steered.fired[0].positions
+    code, out, err = query(
+        "steer",
+        PROMPT,
+        "--clamp",
+        "3=20",
+        "--when",
+        f"{top.feature}>{threshold}",
+        "--max-new-tokens",
+        "5",
+    )
+    n = len(expected.steered.fired[0].positions)
+    assert code == 0 and out == expected.text + "\n"
+    assert f"intervention 0 fired at {n} positions" in err
+    vector = tmp_path / "u.json"
+    vector.write_text(json.dumps([1.0] * client.info().sae().d_in))
+    code, out, _ = query(
+        "steer",
+        PROMPT,
+        "--add",
+        "3=20",
+        "--when",
+        f"{vector}>0.5",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
+    want = client.generate(
+        PROMPT,
+        interventions=[add(3, 20.0).when(direction=[1.0] * client.info().sae().d_in, above=0.5)],
+        max_new_tokens=5,
+    )
+    assert code == 0 and json.loads(out)["steered"]["text"] == want.text
+    for bad in (["--when", "3>1"], ["--clamp", "3=5", "--when", "3=1"]):
+        with pytest.raises(SystemExit) as e:  # usage errors: argparse exits 2
+            query("steer", PROMPT, *bad)
+        assert e.value.code == 2
+
+
 def test_contrast_from_arguments(query: Query) -> None:
     code, out, _ = query(
         "--json",
@@ -163,6 +212,22 @@ def test_contrast_from_arguments(query: Query) -> None:
         "the dog",
     )
     assert code == 0 and "positive_hits" in json.loads(out)
+    code, out, _ = query(
+        "contrast",
+        "--positive",
+        "a cat",
+        "--positive",
+        "the cat",
+        "--negative",
+        "a dog",
+        "--negative",
+        "the dog",
+        "--order-by",
+        "output_score",
+        "--top-n",
+        "2",
+    )
+    assert code == 0 and "output" in out.splitlines()[1]
 
 
 def test_feature(query: Query, client: Client) -> None:
@@ -173,6 +238,20 @@ def test_feature(query: Query, client: Client) -> None:
         assert json.dumps(score.token, ensure_ascii=False) in out
     code, out, _ = query("feature", "3", "--json", "--direction")
     assert len(json.loads(out)["direction"]) == client.info().d_model
+
+
+def test_attribute(query: Query, client: Client) -> None:
+    expected = client.attribute(PROMPT, target=" fox", top_n=3)
+    code, out, _ = query("attribute", PROMPT, "--target-text", " fox", "--top-n", "3")
+    assert code == 0 and 'target " fox"' in out and "total" in out
+    for f in expected.features:
+        assert f"{f.feature}  " in out and f"{f.attribution:+.3f}" in out
+    code, out, _ = query("attribute", PROMPT, "--target-token", str(expected.target.id), "--json")
+    data = json.loads(out)
+    assert data["target"]["id"] == expected.target.id
+    assert data["total"] == pytest.approx(expected.total)
+    code, _, err = query("attribute", PROMPT, "--target-text", " the lazy dog")
+    assert code == 1 and "INVALID_ARGUMENT: target_text" in err
 
 
 def test_errors_exit_nonzero_without_traceback(serve_instance: ServeInstance, info: Info) -> None:

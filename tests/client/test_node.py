@@ -1,5 +1,6 @@
 """The Node.js client (``clients/node``) against the real service: ``node example.js`` runs
-every kind of call (info, tokenize, activations, generate, stream, feature, an error).
+every kind of call (info, tokenize, activations, generate, stream, feature, attribute, an
+error).
 
 Skipped, saying why, where ``node`` is not installed or ``npm install`` has not run there.
 """
@@ -49,3 +50,6 @@ def test_node_example_runs_against_the_service(
         max_new_tokens=8,
     )
     assert f"direction: {json.dumps(pushed.text, ensure_ascii=False)}" in out
+    why = client.attribute("The quick brown fox jumps over the lazy dog", top_n=3)
+    target = json.dumps(why.target.text, ensure_ascii=False)
+    assert f"attribution of {target}: {why.features[0].feature} " in out

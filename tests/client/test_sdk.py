@@ -11,9 +11,11 @@ import pytest
 
 from saescope.client import (
     Activations,
+    Attribution,
     Chat,
     Client,
     DeadlineExceeded,
+    Firing,
     GenerationResult,
     Info,
     InvalidArgument,
@@ -25,6 +27,7 @@ from saescope.client import (
     add,
     clamp,
     direction,
+    multiply,
 )
 from saescope.client.inputs import PromptLike
 from saescope.client.results import TokenEvent
@@ -213,6 +216,49 @@ def test_steer_with_the_contrast_difference_in_means(client: Client, info: Info)
         client.generate(PROMPT, interventions=[direction(vector[:-1], 1.0)])
 
 
+def test_conditional_steering_reports_where_it_fired(client: Client) -> None:
+    """``clamp(...).when(feature=..., above=...)`` over the network: the steered edit shows in
+    the trace exactly at the positions ``fired`` lists, where the condition's feature (traced
+    by a no-op edit) was above the threshold; the stream's tokens say the same, and a condition
+    naming both a feature and a direction is refused with the field named."""
+    top = client.activations(PROMPT, top_k_aggregated=1).prompts[0].top_features[0]
+    threshold = top.value / 2
+    edits = [multiply(top.feature, 1.0), clamp(11, 9.0).when(feature=top.feature, above=threshold)]
+    result = client.generate(PROMPT, interventions=edits, max_new_tokens=6, trace=True)
+    trace = {tr.feature: tr for tr in result.steered.trace}
+    holds = [p for p, x in enumerate(trace[top.feature].original) if x > threshold]
+    assert holds and result.steered.fired == [Firing(1, holds)]
+    assert [p for p, x in enumerate(trace[11].steered) if x == 9.0] == holds
+    with client.stream(PROMPT, interventions=edits, max_new_tokens=6) as stream:
+        items = list(stream)
+    done = items[-1]
+    assert isinstance(done, GenerationResult)
+    n_prompt = len(done.prompt_tokens)
+    tokens = [e for e in items if isinstance(e, TokenEvent)]
+    assert [e.fired for e in tokens] == [
+        [1] if n_prompt - 1 + e.index in holds else [] for e in tokens
+    ]
+    with pytest.raises(InvalidArgument, match=r"interventions\.condition: give exactly one"):
+        clamp(11, 9.0).when(top.feature, direction=[1.0], above=0.0)  # refused before sending
+    with pytest.raises(NotFound, match=r"interventions\[0\]\.condition\.feature"):
+        client.generate(PROMPT, interventions=[clamp(11, 9.0).when(10**6)])
+
+
+def test_contrast_ordered_by_output_score(client: Client) -> None:
+    """Over the network: ``output_scores=True`` scores every hit; ``order_by="output_score"``
+    returns the best-scoring of the 4 × top_n hits of largest effect size, best first."""
+    positive = ["I love Paris in the spring", "Paris is lovely", "The Louvre is in Paris"]
+    negative = ["I love Berlin in winter", "Tokyo is huge", "Rome has old ruins"]
+    pool = client.contrast(positive, negative, top_n=8, output_scores=True)
+    assert all(h.output_score is not None for h in pool.positive_hits + pool.negative_hits)
+    assert all(-1 <= (h.output_score or 0) <= 1 for h in pool.positive_hits)
+    ranked = client.contrast(positive, negative, top_n=2, order_by="output_score")
+    want = sorted(pool.positive_hits, key=lambda h: -(h.output_score or 0.0))[:2]
+    assert [h.feature for h in ranked.positive_hits] == [h.feature for h in want]
+    with pytest.raises(InvalidArgument, match="order_by"):
+        client.contrast(positive, negative, order_by="popularity")  # type: ignore[arg-type]
+
+
 def test_feature(client: Client, info: Info) -> None:
     feat = client.feature(3, top_logits=4, neighbours=3, direction=True)
     assert feat.feature == 3 and feat.sae_id == info.default_sae_id
@@ -221,6 +267,29 @@ def test_feature(client: Client, info: Info) -> None:
     vector = feat.to_numpy()
     assert vector.shape == (info.sae().d_in,)
     assert float((vector**2).sum()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_attribute(client: Client, info: Info) -> None:
+    """The default target (the model's next token), the same token by id and a target given
+    as text; the nodes add up to the total; a bad target raises with its field named, before
+    sending when the SDK can tell."""
+    result = client.attribute(PROMPT, top_n=3)
+    assert isinstance(result, Attribution) and result.sae_id == info.default_sae_id
+    assert 0 < len(result.features) <= 3 and len(result.read) == len(result.prompt_tokens)
+    magnitudes = [abs(f.attribution) for f in result.features]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+    nodes = result.features_total + result.error + result.bias + result.skipped
+    assert nodes == pytest.approx(result.total, abs=1e-9)
+    assert client.attribute(PROMPT, target=result.target.id, top_n=3) == result
+    fox = client.attribute(PROMPT, target=" fox")
+    assert fox.target.text == " fox" and fox.features and fox.target_logprob < 0
+    with pytest.raises(InvalidArgument) as e:
+        client.attribute(PROMPT, target=" the lazy dog")
+    assert e.value.field == "target_text" and "3 tokens" in e.value.message
+    with pytest.raises(InvalidArgument, match="target: expected a token id"):
+        client.attribute(PROMPT, target=1.5)  # type: ignore[arg-type]
+    with pytest.raises(OutOfRange, match="top_n"):
+        client.attribute(PROMPT, top_n=info.limits.max_top_k + 1)
 
 
 def test_chat_prompt_objects(client: Client, info: Info) -> None:

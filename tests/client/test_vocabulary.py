@@ -39,6 +39,7 @@ def test_service_domain_literals() -> None:
     assert typing.get_args(types.Scope) == vocabulary.SCOPE.words
     assert typing.get_args(types.Aggregation) == vocabulary.AGGREGATION.words
     assert typing.get_args(types.Branch) == vocabulary.BRANCH.words
+    assert typing.get_args(types.OrderBy) == vocabulary.ORDER_BY.words
     # the service always says why a completion ended: never "unspecified" (number 0)
     finish = vocabulary.FINISH_REASON
     assert typing.get_args(types.FinishReason) == tuple(
@@ -47,7 +48,7 @@ def test_service_domain_literals() -> None:
 
 
 def test_service_dispatch_tables() -> None:
-    from saescope.service import activations, steering
+    from saescope.service import activations, contrast, steering
 
     # feature edits (name → function) and vector edits, every mode once
     assert vocabulary.MODE.words == steering.MODES
@@ -55,6 +56,7 @@ def test_service_dispatch_tables() -> None:
     assert set(steering.EDITS) | set(steering.VECTOR_MODES) == set(vocabulary.MODE.words)
     assert tuple(steering.SCOPE_PHASES) == vocabulary.SCOPE.words
     assert tuple(activations.AGGREGATES) == vocabulary.AGGREGATION.words
+    assert tuple(contrast.ORDERS) == vocabulary.ORDER_BY.words
 
 
 # ---- SDK ------------------------------------------------------------------------------------
@@ -67,8 +69,9 @@ def test_service_dispatch_tables() -> None:
         (typing.get_args(inputs.InterventionMode), vocabulary.MODE),
         (typing.get_args(inputs.Scope), vocabulary.SCOPE),
         (typing.get_args(inputs.Aggregation), vocabulary.AGGREGATION),
+        (inputs.ORDERS, vocabulary.ORDER_BY),
     ],
-    ids=["MODES", "SCOPES", "AGGREGATIONS", "InterventionMode", "Scope", "Aggregation"],
+    ids=["MODES", "SCOPES", "AGGREGATIONS", "InterventionMode", "Scope", "Aggregation", "ORDERS"],
 )
 def test_sdk_words(words: tuple[str, ...], vocab: Vocabulary) -> None:
     assert words == vocab.words
@@ -120,7 +123,7 @@ def test_cli_steer_has_a_flag_per_mode(tmp_path: Path) -> None:
     flags = [
         option
         for action in steer._actions
-        if action.dest == "interventions"
+        if action.dest == "interventions" and not isinstance(action, query._WhenAction)
         for option in action.option_strings
     ]
     assert flags == [f"--{mode}" for mode in vocabulary.MODE.words]

@@ -51,6 +51,7 @@ def service_request(rpc: str, message: Any) -> Any:
         "StreamGenerateSteered": t.GenerateRequest,
         "SearchFeaturesByContrast": t.ContrastRequest,
         "GetFeature": t.FeatureRequest,
+        "AttributeFeatures": t.AttributeRequest,
     }
     return convert.request(message, types[rpc])
 

@@ -8,6 +8,7 @@ tests/protos/test_wire_format.py --record``) only for a deliberate, compatible w
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +168,24 @@ FEATURE = t.Feature(
 )
 FEATURE_BARE = t.Feature("l15", 3, 1.0, 0.5, 0.0, None, [], [], [], [], None)
 
+ATTRIBUTION = t.Attribution(
+    sae_id="l15",
+    prompt_tokens=TOK,
+    read=[False, True, True],
+    target=t.Token(id=340, text=" Paris", start=-1, end=-1),
+    target_logprob=-1.25,
+    features=[
+        t.FeatureAttribution(7, 0.75, [0.0, 0.5, 0.25], 2.5),
+        t.FeatureAttribution(9, -0.5, [0.0, -0.5, 0.0], 1.0),
+    ],
+    features_total=0.375,
+    error=-0.125,
+    error_per_token=[0.0, -0.25, 0.125],
+    bias=0.0625,
+    skipped=1.5,
+    total=1.8125,
+)
+
 CASES: dict[str, Case] = {
     "info": Case("GetInfo", lambda c: c.info(), None, [INFO]),
     "tokenize_text": Case(
@@ -258,6 +277,51 @@ CASES: dict[str, Case] = {
         ),
         [CONTRAST],
     ),
+    "contrast_output_score": Case(
+        "SearchFeaturesByContrast",
+        lambda c: c.contrast(["Hello é", "Bonjour"], ["Hi", "Hey"], order_by="output_score"),
+        t.ContrastRequest(
+            positive=[PROMPT, t.Prompt(text="Bonjour")],
+            negative=[t.Prompt(text="Hi"), t.Prompt(text="Hey")],
+            order_by="output_score",
+        ),
+        [
+            dataclasses.replace(
+                CONTRAST, positive_hits=[dataclasses.replace(HIT, output_score=0.25)]
+            )
+        ],
+    ),
+    "generate_conditional": Case(
+        "GenerateSteered",
+        lambda c: c.generate(
+            "Hello é",
+            interventions=[
+                clamp(7, 0.0).when(7, above=2.5),
+                direction(VECTOR, 4.0).when(direction=VECTOR, above=-0.5),
+            ],
+        ),
+        t.GenerateRequest(
+            prompt=PROMPT,
+            interventions=[
+                t.Intervention(7, "clamp", 0.0, condition=t.Condition(feature=7, threshold=2.5)),
+                t.Intervention(
+                    0,
+                    "direction",
+                    4.0,
+                    direction=np.array(VECTOR, np.float32),
+                    condition=t.Condition(direction=np.array(VECTOR, np.float32), threshold=-0.5),
+                ),
+            ],
+            sampling=t.Sampling(0, 0.0, 0.0, 0, None, ()),
+        ),
+        [
+            t.GenerationResult(
+                "l15",
+                TOK,
+                t.Completion("", [], [], "eos", [], [t.Firing(0, [1, 2]), t.Firing(1, [])]),
+            )
+        ],
+    ),
     "feature": Case(
         "GetFeature",
         lambda c: c.feature(7, sae_id="l15", top_logits=1, neighbours=2, direction=True),
@@ -273,5 +337,17 @@ CASES: dict[str, Case] = {
             feature=3, sae_id="", top_logits=10, neighbours=10, include_direction=False
         ),
         [FEATURE_BARE],
+    ),
+    "attribute": Case(
+        "AttributeFeatures",
+        lambda c: c.attribute(CHAT_SDK, target=" Paris", sae_id="l15", top_n=2),
+        t.AttributeRequest(prompt=CHAT_GEN, sae_id="l15", target_text=" Paris", top_n=2),
+        [ATTRIBUTION],
+    ),
+    "attribute_token": Case(
+        "AttributeFeatures",
+        lambda c: c.attribute("Hello é", target=0),
+        t.AttributeRequest(prompt=PROMPT, target_token=0),
+        [t.Attribution("l15", TOK[:1], [False], TOK[0], -0.5, [], 0.0, 0.0, [0.0], 0.0, 2.0, 2.0)],
     ),
 }

@@ -283,6 +283,28 @@ def test_get_feature(call: Any, engine: Any) -> None:
     )
 
 
+# ---- AttributeFeatures ---------------------------------------------------------------------------
+def test_attribute_features(call: Any, engine: Any) -> None:
+    """Over gRPC as in the engine, for each SAE and each way to name the target; the nodes add
+    up to the total."""
+    requests = [
+        pb.AttributeFeaturesRequest(prompt=text("The cat sat on the mat and then it"), top_n=4),
+        pb.AttributeFeaturesRequest(sae_id=TOPK, prompt=CHAT, target_text=" cat"),
+        pb.AttributeFeaturesRequest(prompt=text("Hello there"), target_token=7, top_n=32),
+    ]
+    for req in requests:
+        got = call("AttributeFeatures", req)
+        want = engine.attribute(convert.request(req, t.AttributeRequest))
+        assert got == convert.response(want, pb.AttributeFeaturesResponse)
+        assert got.sae_id == (req.sae_id or RELU) and len(got.read) == len(got.prompt_tokens)
+        assert 0 < len(got.features) <= (req.top_n or 10)
+        assert all(len(f.per_token) == len(got.prompt_tokens) for f in got.features)
+        nodes = got.features_total + got.error + got.bias + got.skipped
+        assert nodes == pytest.approx(got.total, abs=1e-9)
+        assert got.target_logprob <= 0 and got.target.start == -1
+    assert got.target.id == 7
+
+
 # ---- many callers at once ------------------------------------------------------------------------
 def test_concurrent_callers_all_get_correct_results(
     serve_instance: ServeInstance, engine: Any

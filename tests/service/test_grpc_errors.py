@@ -92,8 +92,43 @@ INVALID = [
     ("GenerateSteered", gen(sampling=pb.SamplingParams(temperature=-1)), "sampling.temperature"),
     ("GenerateSteered", gen(interventions=[pb.Intervention(feature=1)]), "interventions[0].mode"),
     ("StreamGenerateSteered", pb.GenerateSteeredRequest(), "prompt"),
+    (
+        "StreamGenerateSteered",
+        gen(
+            interventions=[
+                pb.Intervention(
+                    feature=1,
+                    mode=pb.Intervention.MODE_CLAMP,
+                    condition=pb.Condition(threshold=1.0),
+                )
+            ]
+        ),
+        "interventions[0].condition",
+    ),
+    (
+        "GenerateSteered",
+        gen(
+            interventions=[
+                pb.Intervention(
+                    feature=1,
+                    mode=pb.Intervention.MODE_ADD,
+                    condition=pb.Condition(
+                        direction=pb.DenseTensor(shape=[2], data=b"\0" * 8), threshold=0.5
+                    ),
+                )
+            ]
+        ),
+        "interventions[0].condition.direction",
+    ),
     ("SearchFeaturesByContrast", contrast(1), "positive"),
     ("SearchFeaturesByContrast", pb.SearchFeaturesByContrastRequest(), "positive"),
+    (
+        "SearchFeaturesByContrast",
+        pb.SearchFeaturesByContrastRequest(
+            order_by=pb.SearchFeaturesByContrastRequest.OrderBy.ValueType(7)
+        ),
+        "order_by",
+    ),
 ]
 
 
@@ -133,6 +168,32 @@ OUT_OF_RANGE = [
 @pytest.mark.parametrize(("method", "request_", "field", "limit"), OUT_OF_RANGE)
 def test_out_of_range_names_the_limit(stub: Any, method: str, request_: Any, field: str, limit):
     details = expect(stub, method, request_, Code.OUT_OF_RANGE, field, str(limit))
+    assert details.startswith(field)
+
+
+def attribute(**kw: Any) -> pb.AttributeFeaturesRequest:
+    return pb.AttributeFeaturesRequest(**{"prompt": text("The cat sat on the"), **kw})
+
+
+ATTRIBUTE = [
+    (pb.AttributeFeaturesRequest(), Code.INVALID_ARGUMENT, "prompt", "required"),
+    (attribute(prompt=text("")), Code.INVALID_ARGUMENT, "prompt", "no tokens"),
+    (attribute(target_token=-1), Code.INVALID_ARGUMENT, "target_token", "vocabulary"),
+    (attribute(target_token=10**6), Code.INVALID_ARGUMENT, "target_token", "vocabulary"),
+    (attribute(target_text=" the cat sat"), Code.INVALID_ARGUMENT, "target_text", "3 tokens"),
+    (attribute(target_token=3, target_text=" cat"), Code.INVALID_ARGUMENT, "target_token", "both"),
+    (attribute(top_n=-1), Code.INVALID_ARGUMENT, "top_n", "≥ 0"),
+    (attribute(top_n=33), Code.OUT_OF_RANGE, "top_n", str(L["max_top_k"])),
+    (attribute(prompt=text("word " * 200)), Code.OUT_OF_RANGE, "prompt", "96"),
+    (attribute(sae_id="no-such-sae"), Code.NOT_FOUND, "sae_id", "no-such-sae"),
+]
+
+
+@pytest.mark.parametrize(("request_", "code", "field", "needle"), ATTRIBUTE)
+def test_attribute_features_bad_input(
+    stub: Any, request_: Any, code: grpc.StatusCode, field: str, needle: str
+) -> None:
+    details = expect(stub, "AttributeFeatures", request_, code, field, needle)
     assert details.startswith(field)
 
 

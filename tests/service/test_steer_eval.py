@@ -62,7 +62,7 @@ def test_judges_refuse_what_is_not_the_concept() -> None:
     assert sea("The waves rolled onto the beach.") == 1.0 and sea("The train was late.") == 0.0
 
 
-def test_a_small_run_on_the_tiny_model() -> None:
+def test_a_small_run_on_the_tiny_model(tmp_path: Path) -> None:
     setup = tiny_setup()  # the service's default limits: 24 prompts a side in a contrast
     engine = Engine(str(setup.model_dir), {"main": setup.saes["main"]}, device="cpu")
     names = (CONCEPTS[0].name, "python_code")
@@ -81,6 +81,10 @@ def test_a_small_run_on_the_tiny_model() -> None:
     assert set(result.found) == set(names)
     text = report.markdown(result)
     assert all(m in text for m in METHODS) and "difference-in-means" in text
+    # the output-score hits were searched and recorded beside the effect-size ones
+    assert all(found["top_hits_by_output_score"] for found in result.found.values())
+    report.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_command_writes_its_report(tmp_path: Path) -> None:
@@ -109,6 +113,7 @@ def test_the_command_writes_its_report(tmp_path: Path) -> None:
     runs = json.loads((out / "steer_eval.json").read_text())["runs"]
     assert {r["method"] for r in runs} == set(METHODS) and {r["concept"] for r in runs} == {"sea"}
     assert "| sea |" in (out / "steer_eval.md").read_text()
+    assert (out / "steer_eval.png").stat().st_size > 0
     assert main(["steer-eval", str(setup.saes["main"]), "--strengths", "x"]) == 2  # named error
     with pytest.raises(ValueError, match=r"^concepts: \['klingon'\] are not among"):
         evaluate(EvalConfig(sae=setup.saes["main"], concepts=("klingon",)))

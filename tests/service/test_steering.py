@@ -56,7 +56,7 @@ def test_edit_equals_dense_formula(architecture: str) -> None:
         RowEdits([e.feature for e in edits], edits),
         RowEdits([active[0]], [Edit(active[0], "add", 1.0)]),
     ]
-    h_new, before, after = apply_edits(sae, h, batch(*rows), generated=False)
+    h_new, before, after, _ = apply_edits(sae, h, batch(*rows), generated=False)
     f_edit = f.clone()
     f_edit[0, :, active[0]] = 2.5
     f_edit[0, :, active[1]] *= 3.0
@@ -76,8 +76,8 @@ def test_scopes_select_the_phase_and_other_rows_stay_bit_identical() -> None:
     gen_only = RowEdits([3, 4], [Edit(3, "clamp", 5.0, "generated"), Edit(4, "ablate")])
     eb = EditBatch.build([(0, prompt_only), (2, gen_only)], torch.device("cpu"), torch.float32)
     sub = h.index_select(0, eb.rows)
-    prefill, _, after_p = apply_edits(sae, sub, eb, generated=False)
-    decode, _, after_g = apply_edits(sae, sub, eb, generated=True)
+    prefill, _, after_p, _ = apply_edits(sae, sub, eb, generated=False)
+    decode, _, after_g, _ = apply_edits(sae, sub, eb, generated=True)
     assert torch.all(after_p[0, :, 0] == 5.0) and not torch.equal(prefill[0], sub[0])
     assert torch.equal(decode[0], sub[0])  # prompt scope: untouched while generating
     assert torch.all(after_g[1, :, 0] == 5.0) and torch.all(after_g[1, :, 1] == 0.0)

@@ -5,8 +5,10 @@ streamed text) or scripts (``--json``).
     saescope query tokenize "The Eiffel Tower"
     saescope query activations "The Eiffel Tower is in Paris" --top-k 3 --features 12,99
     saescope query steer "My favourite food is" --clamp 123=8 --baseline
+    saescope query steer "My favourite food is" --clamp 123=8 --when '77>2.5'
     saescope query contrast --positive-file french.txt --negative-file english.txt
     saescope query feature 123
+    saescope query attribute "The Eiffel Tower is in" --target-text " Paris"
 
 Imports only ``saescope.client`` (grpcio + protobuf), never torch or ray. Errors print
 ``saescope query: CODE: message`` on stderr and exit 1, without a traceback.
@@ -26,7 +28,7 @@ from typing import Any
 from saescope.cli import query_output as out
 from saescope.client import Client, Intervention, SaescopeError, TokenEvent, inputs
 from saescope.client._channel import DEFAULT_TIMEOUT, ENV_API_KEY, ENV_TARGET
-from saescope.client.inputs import AGGREGATIONS, MODES, SCOPES, ChatMessage, PromptLike
+from saescope.client.inputs import AGGREGATIONS, MODES, ORDERS, SCOPES, ChatMessage, PromptLike
 
 Handler = Callable[[Client, argparse.Namespace], None]
 
@@ -95,6 +97,14 @@ def register(subparsers: Any) -> None:
             metavar=_intervention_form(mode) + "[@SCOPE]",
             help=f"{_mode_help(mode)}; SCOPE: {', '.join(SCOPES)} (default all). Repeatable.",
         )
+    p.add_argument(
+        "--when",
+        action=_WhenAction,
+        dest="interventions",
+        metavar="F>T|FILE>T",
+        help="the intervention before it applies only where feature F, or the residual's "
+        "projection on the vector in FILE, is above T (quote it: '>' is the shell's)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=None)
@@ -121,6 +131,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-n", type=int, default=10)
     p.add_argument("--locations", type=int, default=0, help="where each hit fires (per hit)")
     p.add_argument(
+        "--order-by",
+        choices=ORDERS,
+        default="effect_size",
+        help="output_score: the strongest hits reranked by their effect on the output (the "
+        "ones to steer with)",
+    )
+    p.add_argument(
+        "--output-scores", action="store_true", help="score each hit's effect on the output"
+    )
+    p.add_argument(
         "--save-direction",
         type=Path,
         metavar="FILE",
@@ -133,6 +153,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-logits", type=int, default=10)
     p.add_argument("--neighbours", type=int, default=10)
     p.add_argument("--direction", action="store_true", help="include the decoder direction")
+
+    p = command("attribute", _attribute, "which features make the model predict a token")
+    _prompt_options(p, many=False)
+    _sae_option(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-text",
+        metavar="TEXT",
+        help="the target as text, exactly one token (e.g. ' Paris'); default: the model's own "
+        "next token",
+    )
+    target.add_argument("--target-token", type=int, metavar="ID", help="the target's token id")
+    p.add_argument("--top-n", type=int, default=10, help="features to list (default 10)")
 
 
 # ---- options ------------------------------------------------------------------------------
@@ -234,6 +267,32 @@ def _intervention_parser(mode: str) -> Callable[[str], Intervention]:
             ) from None
 
     return parse
+
+
+class _WhenAction(argparse.Action):
+    """``--when F>T`` / ``--when FILE>T``: a condition on the intervention given just before."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, ns: argparse.Namespace, value: Any, _opt: Any = None
+    ) -> None:
+        edits: list[Intervention] = getattr(ns, self.dest, None) or []
+        if not edits:
+            parser.error("--when: give it after the intervention it conditions (e.g. --clamp)")
+        target, sep, threshold = str(value).rpartition(">")
+        try:
+            above = float(threshold)
+            if not sep or not target:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--when: expected F>T or FILE>T, got {value!r}")
+        if target.isdigit():
+            edit = edits[-1].when(int(target), above=above)
+        else:
+            try:
+                edit = edits[-1].when(direction=load_vector(Path(target)), above=above)
+            except OSError as e:
+                parser.error(f"--when: cannot read {target}: {e.strerror}")
+        setattr(ns, self.dest, [*edits[:-1], edit])
 
 
 # ---- prompts ------------------------------------------------------------------------------
@@ -364,6 +423,8 @@ def _contrast(client: Client, args: argparse.Namespace) -> None:
         aggregation=args.aggregation,
         top_n=args.top_n,
         locations=args.locations,
+        order_by=args.order_by,
+        output_scores=args.output_scores,
     )
     if args.save_direction is not None and result.difference_in_means is not None:
         args.save_direction.write_text(json.dumps(result.difference_in_means) + "\n")
@@ -379,3 +440,11 @@ def _feature(client: Client, args: argparse.Namespace) -> None:
         direction=args.direction,
     )
     out.emit(args, result, lambda: out.feature(result))
+
+
+def _attribute(client: Client, args: argparse.Namespace) -> None:
+    target = args.target_text if args.target_text is not None else args.target_token
+    result = client.attribute(
+        _as_prompt(args.prompts[0], args), target=target, sae_id=args.sae_id, top_n=args.top_n
+    )
+    out.emit(args, result, lambda: out.attribution(result))

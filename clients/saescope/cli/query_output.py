@@ -15,6 +15,7 @@ from typing import Any
 
 from saescope.client import (
     Activations,
+    Attribution,
     Completion,
     ContrastHit,
     ContrastResult,
@@ -170,7 +171,10 @@ def activations(result: Activations, aggregation: str) -> None:
 
 # ---- generation ---------------------------------------------------------------------------
 def _summary(c: Completion) -> str:
-    return f"{len(c.tokens)} tokens · finish: {c.finish_reason}"
+    fired = "".join(
+        f" · intervention {f.intervention} fired at {len(f.positions)} positions" for f in c.fired
+    )
+    return f"{len(c.tokens)} tokens · finish: {c.finish_reason}{fired}"
 
 
 def generation_details(result: GenerationResult, logprobs: bool, trace: bool) -> None:
@@ -238,11 +242,25 @@ def _hits(title: str, hits: Sequence[ContrastHit]) -> None:
             f"{h.p_value_corrected:.2g}",
             f"{h.frac_active_positive:.0%}",
             f"{h.frac_active_negative:.0%}",
+            *([] if h.output_score is None else [f"{h.output_score:+.3f}"]),
         ]
         for h in hits
     ]
+    scored = ["output"] if hits[0].output_score is not None else []
     _table(
-        ["feature", "mean+", "mean−", "diff", "g", "AUROC", "p (BH)", "active+", "active−"], rows
+        [
+            "feature",
+            "mean+",
+            "mean−",
+            "diff",
+            "g",
+            "AUROC",
+            "p (BH)",
+            "active+",
+            "active−",
+            *scored,
+        ],
+        rows,
     )
     for h in hits:
         if h.locations:
@@ -299,3 +317,40 @@ def feature(result: Feature) -> None:
         print(f"  {x.max_value:6.2f}  {_example(x.tokens, x.values)}")
     if result.direction is not None:
         print(_dim(f"  direction: {len(result.direction)} floats (use --json)"))
+
+
+# ---- attribution --------------------------------------------------------------------------
+def attribution(result: Attribution) -> None:
+    target = result.target
+    print(
+        _bold(f"target {show(target.text)}")
+        + f" (id {target.id}) · log p {result.target_logprob:.3f} · SAE {result.sae_id}"
+    )
+    if _colour():  # where the listed features act: Σ |attribution| per token
+        weight = [
+            sum(abs(f.per_token[i]) for f in result.features) for i in range(len(result.read))
+        ]
+        print("  " + _highlighted(result.prompt_tokens, weight))
+    rows = []
+    for f in result.features:
+        peak = max(range(len(f.per_token)), key=lambda i: abs(f.per_token[i]), default=-1)
+        where = (
+            f"{show(result.prompt_tokens[peak].text)} {f.per_token[peak]:+.3f}"
+            if peak >= 0
+            else "-"
+        )
+        rows.append([f.feature, f"{f.attribution:+.3f}", f"{f.max_value:.2f}", where])
+    if rows:
+        _table(["feature", "attribution", "max value", "strongest at"], rows)
+    else:
+        print("  (no feature moved it)")
+    print(
+        f"  {_bold('nodes')}: features {result.features_total:+.3f} · error {result.error:+.3f}"
+        f" · bias {result.bias:+.3f} · skipped {result.skipped:+.3f} = total {result.total:+.3f}"
+    )
+    print(
+        _dim(
+            "  attribution = activation × gradient of log p(target): removing a part (ablating"
+            " a feature) moves log p by about −attribution, to first order"
+        )
+    )

@@ -60,5 +60,6 @@ def _run(args: argparse.Namespace) -> int:
     (args.out / "steer_eval.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     text = report.markdown(result)
     (args.out / "steer_eval.md").write_text(text + "\n")
+    report.plot(result, args.out / "steer_eval.png")
     print(text)
     return 0

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.api.v1.shapes import Codec, Shapes
-from saescope.api.v1.vocabulary import AGGREGATION, WireError
+from saescope.api.v1.vocabulary import AGGREGATION, ORDER_BY, Vocabulary, WireError
 from saescope.client import results as r
 from saescope.client.errors import InvalidArgument
 from saescope.client.inputs import Chat, Intervention, PromptLike, as_chat, is_chat
@@ -124,8 +124,17 @@ def event(m: pb.GenerateSteeredEvent, logprobs: bool) -> r.TokenEvent | r.Genera
 
 def aggregation(name: str, field: str = "aggregation") -> pb.Aggregation.ValueType:
     """The wire number of an aggregation word."""
+    return pb.Aggregation.ValueType(_number(AGGREGATION, name, field))
+
+
+def order_by(name: str) -> pb.SearchFeaturesByContrastRequest.OrderBy.ValueType:
+    """The wire number of a contrast ordering's word."""
+    return pb.SearchFeaturesByContrastRequest.OrderBy.ValueType(_number(ORDER_BY, name, "order_by"))
+
+
+def _number(vocabulary: Vocabulary, word: str, field: str) -> int:
     try:
-        return pb.Aggregation.ValueType(AGGREGATION.number(name, field))
+        return vocabulary.number(word, field)
     except WireError as e:
         raise invalid(e.field, e.message) from None
 

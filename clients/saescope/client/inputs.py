@@ -8,12 +8,15 @@ dicts / ``ChatMessage`` objects. Interventions are built with the helpers::
     multiply(5, 0.5)                 # halve feature 5
     ablate(42, scope="prompt")       # zero feature 42 over the prompt
     direction(vector, 4.0)           # add 4 × a steering vector (d_in floats), no feature
+    clamp(1234, 0.0).when(feature=77, above=2.0)   # only where feature 77 is above 2
+    add(5, 3.0).when(direction=vector, above=1.5)  # only where x · v/‖v‖ is above 1.5
 
 Steering keeps the SAE's error term: ``x' = x + dec(f') − dec(f)`` (see the API docs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, get_args
@@ -23,10 +26,12 @@ from saescope.client.errors import InvalidArgument
 Aggregation: TypeAlias = Literal["max", "mean", "sum"]
 InterventionMode: TypeAlias = Literal["clamp", "add", "multiply", "ablate", "direction"]
 Scope: TypeAlias = Literal["all", "prompt", "generated"]
+OrderBy: TypeAlias = Literal["effect_size", "output_score"]
 
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 MODES: tuple[str, ...] = get_args(InterventionMode)
 SCOPES: tuple[str, ...] = get_args(Scope)
+ORDERS: tuple[str, ...] = get_args(OrderBy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,27 @@ PromptLike: TypeAlias = str | ChatLike
 
 
 @dataclass(frozen=True, slots=True)
+class Condition:
+    """Where a conditional intervention applies: positions where ``feature``'s value, or the
+    residual stream's projection on ``direction`` (``x · v / ‖v‖``), is above ``threshold``;
+    read at the SAE's hookpoint before any edit. Build it with ``Intervention.when``."""
+
+    feature: int | None = None
+    direction: tuple[float, ...] | None = None
+    """A vector (d_in floats), not zero."""
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if (self.feature is None) == (self.direction is None):
+            raise InvalidArgument(
+                "INVALID_ARGUMENT",
+                "interventions.condition: give exactly one of feature and direction",
+            )
+        if self.direction is not None:  # any sequence of numbers (a list, a numpy array)
+            object.__setattr__(self, "direction", tuple(float(x) for x in self.direction))
+
+
+@dataclass(frozen=True, slots=True)
 class Intervention:
     """One edit during generation; build it with ``clamp``/``add``/``multiply``/``ablate``
     (a feature) or ``direction`` (a vector), or from a dict ``{"feature": 3, "mode": "clamp",
@@ -83,6 +109,8 @@ class Intervention:
     """``"all"`` positions, the ``"prompt"`` only, or the ``"generated"`` tokens only."""
     direction: tuple[float, ...] | None = None
     """The vector of a ``direction`` edit (d_in floats), added as ``value × direction``."""
+    condition: Condition | None = None
+    """Apply only where this holds (see ``when``); ``None``: at every position in scope."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +128,22 @@ class Intervention:
             )
         if self.direction is not None:  # any sequence of numbers (a list, a numpy array)
             object.__setattr__(self, "direction", tuple(float(x) for x in self.direction))
+        if isinstance(self.condition, Mapping):  # from a dict, as the intervention may be
+            object.__setattr__(self, "condition", Condition(**self.condition))
+
+    def when(
+        self,
+        feature: int | None = None,
+        *,
+        direction: Sequence[float] | None = None,
+        above: float = 0.0,
+    ) -> Intervention:
+        """This edit, applied only at positions where ``feature``'s value (model units), or the
+        residual's projection on ``direction`` (``x · v / ‖v‖``), is above ``above`` — read
+        before any edit, so edits never trigger each other. The result's ``fired`` (and each
+        streamed token's) says where it applied."""
+        vector = None if direction is None else tuple(direction)
+        return dataclasses.replace(self, condition=Condition(feature, vector, above))
 
 
 def clamp(feature: int, value: float, scope: Scope = "all") -> Intervention:

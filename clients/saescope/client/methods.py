@@ -24,12 +24,14 @@ from saescope.client import _convert
 from saescope.client.inputs import (
     Aggregation,
     InterventionLike,
+    OrderBy,
     PromptLike,
     as_intervention,
     is_chat,
 )
 from saescope.client.results import (
     Activations,
+    Attribution,
     ContrastResult,
     Feature,
     GenerationResult,
@@ -271,10 +273,17 @@ class Methods:
         aggregation: Aggregation = "max",
         top_n: int = 10,
         locations: int = 0,
+        order_by: OrderBy = "effect_size",
+        output_scores: bool = False,
         timeout: float | None = None,
     ) -> Call[ContrastResult]:
         """Features that fire differently on ``positive`` (with a concept) and ``negative``
-        prompts, both ways, ranked by effect size; ``locations`` strongest places per hit."""
+        prompts, both ways, ranked by effect size; ``locations`` strongest places per hit.
+
+        ``output_scores``: each hit's ``output_score`` — whether adding it moves the output
+        (an output feature, which steers) or it only reads its input. ``order_by=
+        "output_score"`` ranks the 4 × ``top_n`` hits of largest effect size by it: the hits to
+        steer with."""
         request = pb.SearchFeaturesByContrastRequest(
             sae_id=sae_id or "",
             positive=_convert.prompts(positive, "positive"),
@@ -282,6 +291,8 @@ class Methods:
             aggregation=_convert.aggregation(aggregation),
             top_n=top_n,
             locations_per_hit=locations,
+            order_by=_convert.order_by(order_by),
+            include_output_scores=output_scores,
         )
         return _by_shape("SearchFeaturesByContrast", request, ContrastResult, timeout)
 
@@ -306,3 +317,41 @@ class Methods:
             include_direction=direction,
         )
         return _by_shape("GetFeature", request, Feature, timeout)
+
+    @rpc
+    def attribute(
+        self,
+        prompt: PromptLike,
+        *,
+        target: int | str | None = None,
+        sae_id: str | None = None,
+        top_n: int = 10,
+        timeout: float | None = None,
+    ) -> Call[Attribution]:
+        """Which features make the model predict ``target`` after ``prompt``: each feature's
+        attribution (activation × gradient of log p(target) at the SAE's hookpoint), with the
+        SAE's error term, its bias and the positions it does not read as nodes of their own.
+
+        Args:
+            prompt: Text, or a chat (the assistant header is added unless the ``Chat`` says
+                not: the target is then the reply's first token).
+            target: A token id, or a text that is exactly one token (``" Paris"``); default:
+                the model's own most likely next token.
+            top_n: Features to return, largest |attribution| first.
+        """
+        request = pb.AttributeFeaturesRequest(
+            sae_id=sae_id or "",
+            prompt=_convert.prompt(prompt, "prompt", generation=True),
+            top_n=top_n,
+        )
+        if isinstance(target, str):
+            if not target:
+                raise _convert.invalid("target", "an empty text is no token")
+            request.target_text = target
+        elif target is not None:
+            if isinstance(target, bool) or not isinstance(target, int):
+                raise _convert.invalid("target", f"expected a token id or a text, got {target!r}")
+            if not -(2**31) <= target < 2**31:
+                raise _convert.invalid("target", f"token id {target} is out of range")
+            request.target_token = target
+        return _by_shape("AttributeFeatures", request, Attribution, timeout)

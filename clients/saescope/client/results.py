@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 if TYPE_CHECKING:
@@ -258,6 +258,16 @@ class FeatureTrace(_Result):
 
 
 @dataclass(frozen=True)
+class Firing(_Result):
+    """Where a conditional intervention applied."""
+
+    intervention: int
+    """Its index in the request's interventions."""
+    positions: list[int]
+    """Positions over the prompt then the generated tokens (as ``FeatureTrace``'s values)."""
+
+
+@dataclass(frozen=True)
 class Completion(_Result):
     """The text one branch (steered or baseline) generated."""
 
@@ -269,6 +279,8 @@ class Completion(_Result):
     finish_reason: FinishReason
     trace: list[FeatureTrace]
     """Per steered feature, when ``trace=True``."""
+    fired: list[Firing] = field(default_factory=list)
+    """Per conditional intervention (``Intervention.when``), the positions where it applied."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +312,9 @@ class TokenEvent(_Result):
     logprob: float | None
     trace: list[float]
     """The steered features' values here after the edit, in interventions order."""
+    fired: list[int] = field(default_factory=list)
+    """The conditional interventions (their indices) that applied at the position that
+    predicted this token."""
 
 
 # ---- contrast search ----------------------------------------------------------------------
@@ -334,6 +349,11 @@ class ContrastHit(_Result):
     frac_active_positive: float
     frac_active_negative: float
     locations: list[FeatureLocation]
+    output_score: float | None = None
+    """How much adding the feature moves the next-token distribution onto the tokens it
+    promotes, in [-1, 1] (high: an output feature, good for steering; near 0: it only reads
+    its input). Present when asked for (``output_scores=True`` or
+    ``order_by="output_score"``)."""
 
 
 @dataclass(frozen=True)
@@ -410,3 +430,50 @@ class Feature(_Result):
         if self.direction is None:
             raise ValueError("no direction: call feature(..., direction=True)")
         return _numpy().asarray(self.direction, dtype="float32")  # type: ignore[no-any-return]
+
+
+# ---- attribution --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureAttribution(_Result):
+    """A feature's share of the target's log-probability (activation × gradient)."""
+
+    feature: int
+    attribution: float
+    """Σ_t f_i(t) (w_i · g(t)) over the positions the SAE reads: ablating the feature moves
+    log p(target) by about −attribution."""
+    per_token: list[float]
+    """Per prompt token: f_i(t) (w_i · g(t)); 0 where the SAE does not read."""
+    max_value: float
+    """The feature's largest value over the positions the SAE reads."""
+
+
+@dataclass(frozen=True)
+class Attribution(_Result):
+    """``Client.attribute()``: which features make the model predict ``target``.
+
+    With ``x(t)`` the residual stream the SAE reads and ``g(t)`` the gradient of
+    ``log p(target)`` with respect to it, ``total = Σ_t x(t)·g(t)`` splits exactly into
+    ``features_total + error + bias + skipped`` (first order; see the .proto).
+    """
+
+    sae_id: str
+    prompt_tokens: list[Token]
+    read: list[bool]
+    """Per prompt token: whether the SAE reads its position (not special, not out of
+    distribution)."""
+    target: Token
+    target_logprob: float
+    """log p(target | prompt) under the model as it is."""
+    features: list[FeatureAttribution]
+    """The ``top_n`` features with non-zero attribution, largest |attribution| first."""
+    features_total: float
+    """Σ of every feature's attribution, not only those listed."""
+    error: float
+    """The SAE's error term's attribution (what its features miss)."""
+    error_per_token: list[float]
+    bias: float
+    """The decoder bias's attribution."""
+    skipped: float
+    """The attribution of the positions the SAE does not read, whole."""
+    total: float
+    """Σ_t x(t)·g(t) = features_total + error + bias + skipped."""

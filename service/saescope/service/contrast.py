@@ -21,10 +21,16 @@ negative first for the negative one. For each hit, its ``locations_per_hit`` str
 Beside the features, the search returns the sets' difference in means of the residual stream
 itself over the same positions (``difference_in_means``): AxBench's DiffMean steering vector
 (Wu et al. 2025), the strongest of the vector methods there, for steering with directly.
+
+On request, each hit also gets its output score (``output_scores``: does adding it move the
+output?), and ``order_by="output_score"`` ranks the ``candidates`` hits of largest effect size
+by it instead: a feature that both fires with the concept and moves the output steers, one that
+only reads its input does not (Arad et al. 2025).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +40,7 @@ from torch import Tensor
 
 from saescope.service.activations import aggregate
 from saescope.service.errors import InvalidArgument, OutOfRange
+from saescope.service.output_scores import STRENGTH
 from saescope.service.prompts import Encoded
 from saescope.service.runtime import LoadedSae
 from saescope.service.types import (
@@ -46,6 +53,13 @@ from saescope.service.types import (
 
 SD_FLOOR = 1e-6
 DEFAULT_TOP_N = 10
+ORDERS = ("effect_size", "output_score")
+CANDIDATES_PER_HIT = 4
+"""``order_by="output_score"`` reorders this many × ``top_n`` hits of largest effect size."""
+
+Scorer = Callable[[list[int], list[float], bool], list[float]]
+"""``(features, strengths, positive_hits) -> output scores``: on prompts of the negative set for
+positive hits, of the positive set for negative ones (``output_scores.output_scores``)."""
 
 
 def validate_request(req: ContrastRequest, limits: Limits) -> tuple[int, int]:
@@ -63,6 +77,8 @@ def validate_request(req: ContrastRequest, limits: Limits) -> tuple[int, int]:
         raise InvalidArgument("aggregation", "SUM is not allowed here (it rewards long prompts)")
     if req.aggregation not in ("max", "mean"):
         raise InvalidArgument("aggregation", "must be max or mean")
+    if req.order_by not in ORDERS:
+        raise InvalidArgument("order_by", f"must be one of {ORDERS}, got {req.order_by!r}")
     top_n = req.top_n or DEFAULT_TOP_N
     if top_n < 0:
         raise InvalidArgument("top_n", f"must be ≥ 0, got {top_n}")
@@ -245,13 +261,36 @@ def search(
     req: ContrastRequest,
     top_n: int,
     per_hit: int,
+    *,
+    candidates: int | None = None,
+    scorer: Scorer | None = None,
 ) -> ContrastResult:
-    """Rank features for ``req``; ``residuals``/``encoded`` hold positives, then negatives."""
+    """Rank features for ``req``; ``residuals``/``encoded`` hold positives, then negatives.
+
+    With ``scorer`` (needed for ``order_by="output_score"`` and ``include_output_scores``) each
+    hit gets its output score; ordering by it reranks the ``candidates`` (≥ ``top_n``) hits of
+    largest effect size.
+    """
+    scores: dict[int, float] = {}
     with torch.inference_mode():
         keeps = kept_positions(ls, residuals, encoded)
         agg = aggregate_prompts(ls, residuals, keeps, req.aggregation)  # (P, d_sae)
         st = contrast_statistics(agg[:n_positive], agg[n_positive:])
-        up, down = rank(st, top_n)
+        by_output = req.order_by == "output_score"
+        up, down = rank(st, max(candidates or top_n, top_n) if by_output else top_n)
+        if scorer is not None and (by_output or req.include_output_scores):
+            peaks = agg if req.aggregation == "max" else None
+            if peaks is None:
+                peaks = aggregate_prompts(ls, residuals, keeps, "max")
+            for side, positive_hits in ((up, True), (down, False)):
+                feats = [int(st.features[i]) for i in side]
+                strengths = [STRENGTH * float(peaks[:, f].max()) for f in feats]
+                scores |= dict(zip(feats, scorer(feats, strengths, positive_hits), strict=True))
+            if by_output:  # stable: equal scores keep their effect-size order
+                up, down = (
+                    np.array(sorted(side, key=lambda i: -scores[int(st.features[i])])[:top_n])
+                    for side in (up, down)
+                )
         hits = [int(st.features[i]) for i in [*up, *down]]
         positive = [i < n_positive for i in range(len(encoded))]
         locs = locations(ls, residuals, encoded, keeps, positive, hits, per_hit)
@@ -270,6 +309,7 @@ def search(
             frac_active_positive=float(st.frac_active_positive[i]),
             frac_active_negative=float(st.frac_active_negative[i]),
             locations=where,
+            output_score=scores.get(int(st.features[i])),
         )
 
     return ContrastResult(

@@ -3,9 +3,11 @@
 ``Engine`` implements ``types.EngineClient``, the interface the Ray Serve app calls: one method
 per RPC, on domain types (``types.py``). It validates (raising ``errors.*`` that name the
 field), then delegates: ``prompts`` (rendering and tokenisation), ``activations`` (forward +
-encode), ``contrast`` (statistics), ``features`` (GetFeature), ``steering`` + ``sampling`` +
-``generation`` (steered decoding through the shared ``DecodeBatcher``). Model forwards take the
-runtime's FIFO lock; everything runs under ``torch.inference_mode()``.
+encode), ``contrast`` (statistics), ``features`` (GetFeature), ``attribution``
+(AttributeFeatures: a forward and a backward), ``steering`` + ``sampling`` + ``generation``
+(steered decoding through the shared ``DecodeBatcher``). Model forwards take the
+runtime's FIFO lock; everything runs under ``torch.inference_mode()`` but attribution's
+backward, which needs a gradient.
 
 Cheap checks come before costly work: field values, then prompt sizes in characters, then
 tokens (per prompt and per call), then the response's size, and only then a forward pass.
@@ -35,10 +37,11 @@ import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
 
-from saescope.service import activations, contrast, features, prompts
+from saescope.service import activations, attribution, contrast, features, prompts
 from saescope.service.activations import ActivationsPart, ActivationsPlan
 from saescope.service.errors import OutOfRange, SaescopeError
 from saescope.service.generation import DecodeBatcher, GenerationPlan
+from saescope.service.output_scores import output_scores
 from saescope.service.runtime import DTYPES, EngineObserver, ModelRuntime, NoObserver, load_saes
 from saescope.service.sampling import plan_sampling
 from saescope.service.steering import RowEdits, distinct_features, validate_interventions
@@ -46,6 +49,8 @@ from saescope.service.streams import GenerationHandle
 from saescope.service.types import (
     ActivationsRequest,
     ActivationsResult,
+    AttributeRequest,
+    Attribution,
     Branch,
     ContrastRequest,
     ContrastResult,
@@ -250,13 +255,45 @@ class Engine(EngineClient):
         )
         resid = [r[ls.hookpoint] for r in residuals]
         timed = self.rt.timed(ls)  # its encodes reach the observer
-        return contrast.search(timed, resid, encoded, len(req.positive), req, top_n, per_hit)
+        sides = ([e.ids for e in negative], [e.ids for e in positive])  # for positive hits first
+
+        def scorer(feats: list[int], strengths: list[float], positive_hits: bool) -> list[float]:
+            prompts = sides[0] if positive_hits else sides[1]
+            return output_scores(self.rt, ls, prompts, feats, strengths)
+
+        return contrast.search(
+            timed,
+            resid,
+            encoded,
+            len(req.positive),
+            req,
+            top_n,
+            per_hit,
+            candidates=min(contrast.CANDIDATES_PER_HIT * top_n, self.limits.max_top_k),
+            scorer=scorer,
+        )
 
     # ---- GetFeature ------------------------------------------------------------------------------
     def feature(self, req: FeatureRequest) -> Feature:
         ls = self.rt.get_sae(req.sae_id)
         top_logits, neighbours = features.validate_request(ls, req, self.limits)
         return features.feature_info(self.rt, ls, req, top_logits, neighbours)
+
+    # ---- AttributeFeatures -----------------------------------------------------------------------
+    def attribute(self, req: AttributeRequest) -> Attribution:
+        ls = self.rt.get_sae(req.sae_id)
+        top_n = attribution.validate_request(req, self.limits)
+        target = attribution.resolve_target(self.rt, req, self.prompt_limits)
+        enc = prompts.encode(self.rt, req.prompt, "prompt", self.prompt_limits)
+        size = attribution.response_bytes(enc, top_n)
+        if size > self.limits.max_response_bytes:
+            raise OutOfRange(
+                "top_n",
+                size,
+                self.limits.max_response_bytes,
+                f"bytes of response ({len(enc.ids)} tokens × top_n {top_n})",
+            )
+        return attribution.attribute(self.rt, ls, enc, target, top_n)
 
     # ---- GenerateSteered -------------------------------------------------------------------------
     def plan_generation(self, req: GenerateRequest) -> GenerationPlan:

@@ -34,7 +34,9 @@ from ``submit`` until a step takes it into the batch, each decode step's rows an
 
 Conventions: the trace of a branch has one value per position the model read — the prompt, then
 every generated token but the last (which is never fed back) — and a ``TokenEvent``'s ``trace``
-is the steered features' values (after the edit) at the position that predicted its token.
+is the steered features' values (after the edit) at the position that predicted its token; a
+conditional intervention's ``fired`` positions count the same way, and a ``TokenEvent``'s
+``fired`` lists those that applied at the position that predicted its token.
 Completion tokens' ``start``/``end`` are character spans in the completion's text.
 """
 
@@ -64,6 +66,7 @@ from saescope.service.types import (
     Completion,
     FeatureTrace,
     FinishReason,
+    Firing,
     GenerationResult,
     Token,
     TokenEvent,
@@ -107,6 +110,7 @@ class _Row:
         self.logprobs: list[float] = []
         self.before: list[list[float]] = []  # per position read: traced features before edits
         self.after: list[list[float]] = []
+        self.fired: list[list[int]] = []  # per position read: conditional edits that applied
         self.position = len(plan.prompt.ids)  # position id of the next token fed
         self.finish: FinishReason | None = None
 
@@ -127,12 +131,17 @@ class _Row:
                 )
                 for u, f in enumerate(plan.trace_features)
             ]
+        fired = [
+            Firing(j, [p for p, at in enumerate(self.fired) if j in at])
+            for j in self.edits.conditional
+        ]
         return Completion(
             text=self.stream.text,
             tokens=self.tokens,
             logprobs=self.logprobs,
             finish_reason=self.finish,
             trace=trace,
+            fired=fired,
         )
 
 
@@ -380,6 +389,7 @@ class DecodeBatcher:
                 before, after = trace.rows[i]
                 r.before += before.tolist()
                 r.after += after.tolist()
+            r.fired += trace.fired.get(i, [])
             token = chosen[i]
             if token is None or not r.live:  # a branch of the same request may have failed
                 continue
@@ -409,6 +419,7 @@ class DecodeBatcher:
             text=r.stream.take(final=r.finish is not None),
             logprob=logprob if plan.include_logprobs else None,
             trace=list(r.after[-1]) if plan.include_trace and r.after else [],
+            fired=list(r.fired[-1]) if r.fired else [],
         )
         r.req.handle.put(event)
         if r.finish is not None and all(row.finish is not None for row in r.req.rows):

@@ -3,11 +3,11 @@ and Ray.
 
 Results the SDK returns as they are come from ``saescope.client.results`` (one dataclass per
 result shape, shared by the engine and the SDK: ``Info``, ``Tokenization``,
-``GenerationResult``, ``ContrastResult``, ``Feature`` and their parts), and the words of the
-API's vocabularies (``Aggregation``, ``InterventionMode``, ``Scope``, ``Branch``) from the SDK's
-``inputs`` and ``results``; defined here are the requests (the SDK builds those from keyword
-arguments) and what only the engine has: prompts, and activations held as arrays. The conversion
-module (``saescope.service.convert``) maps them to and from the wire types of
+``GenerationResult``, ``ContrastResult``, ``Feature``, ``Attribution`` and their parts), and the
+words of the API's vocabularies (``Aggregation``, ``InterventionMode``, ``Scope``, ``Branch``)
+from the SDK's ``inputs`` and ``results``; defined here are the requests (the SDK builds those
+from keyword arguments) and what only the engine has: prompts, and activations held as arrays.
+The conversion module (``saescope.service.convert``) maps them to and from the wire types of
 ``saescope.api.v1`` by shape: a field has its wire field's name, and its enum-valued
 ``Literal``s are the words of that enum's vocabulary (``saescope.api.v1.vocabulary``; a test
 keeps them equal). Dense arrays are float32 numpy arrays.
@@ -27,15 +27,19 @@ import numpy as np
 
 from saescope.client.inputs import Aggregation as Aggregation
 from saescope.client.inputs import InterventionMode as InterventionMode
+from saescope.client.inputs import OrderBy as OrderBy
 from saescope.client.inputs import Scope as Scope
 from saescope.client.results import ActivatingExample as ActivatingExample
+from saescope.client.results import Attribution as Attribution
 from saescope.client.results import Branch as Branch
 from saescope.client.results import Completion as Completion
 from saescope.client.results import ContrastHit as ContrastHit
 from saescope.client.results import ContrastResult as ContrastResult
 from saescope.client.results import Feature as Feature
+from saescope.client.results import FeatureAttribution as FeatureAttribution
 from saescope.client.results import FeatureLocation as FeatureLocation
 from saescope.client.results import FeatureTrace as FeatureTrace
+from saescope.client.results import Firing as Firing
 from saescope.client.results import GenerationResult as GenerationResult
 from saescope.client.results import Info as Info
 from saescope.client.results import Limits as Limits
@@ -113,12 +117,23 @@ class ActivationsResult:
 
 # ---- steering ---------------------------------------
 @dataclass(frozen=True)
+class Condition:
+    """Where an intervention applies: ``feature``'s value, or the residual's projection on
+    ``direction`` (``x · v/‖v‖``), above ``threshold``; exactly one of the two is set."""
+
+    feature: int | None = None
+    direction: np.ndarray | None = field(default=None, compare=False)  # (d_in,)
+    threshold: float = 0.0
+
+
+@dataclass(frozen=True)
 class Intervention:
     feature: int  # ignored by vector modes (``direction``)
     mode: InterventionMode
     value: float = 0.0
     scope: Scope = "all"
     direction: np.ndarray | None = field(default=None, compare=False)  # (d_in,) vector modes
+    condition: Condition | None = None  # None: every position in scope
 
 
 @dataclass(frozen=True)
@@ -151,6 +166,8 @@ class ContrastRequest:
     aggregation: Aggregation = "max"
     top_n: int = 10
     locations_per_hit: int = 0
+    order_by: OrderBy = "effect_size"
+    include_output_scores: bool = False
 
 
 # ---- single feature ---------------------------------------
@@ -161,6 +178,19 @@ class FeatureRequest:
     top_logits: int = 10
     neighbours: int = 10
     include_direction: bool = False
+
+
+# ---- attribution ---------------------------------------
+@dataclass(frozen=True)
+class AttributeRequest:
+    """The target is ``target_token``, or ``target_text`` (one token), or (neither set) the
+    model's own most likely next token."""
+
+    prompt: Prompt
+    sae_id: str = ""
+    target_token: int | None = None
+    target_text: str = ""
+    top_n: int = 10
 
 
 # ---- the engine's interface ---------------------------------------
@@ -209,6 +239,8 @@ class EngineClient(Protocol):
 
     def feature(self, req: FeatureRequest) -> Feature: ...
 
+    def attribute(self, req: AttributeRequest) -> Attribution: ...
+
     def close(self) -> None: ...
 
 
@@ -216,5 +248,6 @@ UNARY_RPCS: dict[str, Callable[..., Any]] = {
     "Tokenize": EngineClient.tokenize,
     "SearchFeaturesByContrast": EngineClient.contrast,
     "GetFeature": EngineClient.feature,
+    "AttributeFeatures": EngineClient.attribute,
 }
 """RPC → the ``EngineClient`` method that answers it alone, on the request's domain type."""

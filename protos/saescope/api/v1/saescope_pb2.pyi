@@ -717,6 +717,7 @@ class Intervention(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
     feature: _builtins.int
     mode: Global___Intervention.Mode.ValueType
     value: _builtins.float
@@ -728,6 +729,12 @@ class Intervention(_message.Message):
         |x| ≤ 10000. It is added as given (not normalised), times `value`.
         """
 
+    @_builtins.property
+    def condition(self) -> Global___Condition:
+        """Apply only at the positions (within `scope`) where this holds; absent: at every one. The
+        response's `fired` says where it did.
+        """
+
     def __init__(
         self,
         *,
@@ -736,14 +743,54 @@ class Intervention(_message.Message):
         value: _builtins.float = ...,
         scope: Global___Intervention.Scope.ValueType = ...,
         direction: Global___DenseTensor | None = ...,
+        condition: Global___Condition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "direction", b"direction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direction", b"direction", "feature", b"feature", "mode", b"mode", "scope", b"scope", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "direction", b"direction", "feature", b"feature", "mode", b"mode", "scope", b"scope", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Intervention: _TypeAlias = Intervention  # noqa: Y015
+
+@_typing.final
+class Condition(_message.Message):
+    """Where a conditional intervention applies (Goodfire's `set_when`): positions where a feature's
+    value, or the residual stream's projection on a direction, is above a threshold. Both are read
+    at the SAE's hookpoint before any edit of that position, so edits never trigger each other.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    feature: _builtins.int
+    """The feature whose value (model units) is compared. Set this or `direction`."""
+    threshold: _builtins.float
+    """The condition holds where the value is > threshold. Finite, |threshold| ≤ 10000."""
+    @_builtins.property
+    def direction(self) -> Global___DenseTensor:
+        """A vector, shape (d_in,), finite, not zero: the residual's projection on its unit direction,
+        x · v / ‖v‖ (model units), is compared.
+        """
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.int | None = ...,
+        direction: Global___DenseTensor | None = ...,
+        threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_feature", b"_feature", "direction", b"direction", "feature", b"feature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_feature", b"_feature", "direction", b"direction", "feature", b"feature", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__feature: _TypeAlias = _typing.Literal["feature"]  # noqa: Y015
+    _WhichOneofArgType__feature: _TypeAlias = _typing.Literal["_feature", b"_feature"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__feature) -> _WhichOneofReturnType__feature | None: ...
+
+Global___Condition: _TypeAlias = Condition  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -882,6 +929,7 @@ class Completion(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     TRACE_FIELD_NUMBER: _builtins.int
+    FIRED_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Generated text (stop string removed)."""
     finish_reason: Global___FinishReason.ValueType
@@ -895,6 +943,10 @@ class Completion(_message.Message):
     def trace(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureTrace]:
         """Per steered feature, over prompt then generated positions (if requested)."""
 
+    @_builtins.property
+    def fired(self) -> _containers.RepeatedCompositeFieldContainer[Global___Firing]:
+        """Per conditional intervention of the request, where its condition held and it applied."""
+
     def __init__(
         self,
         *,
@@ -903,14 +955,43 @@ class Completion(_message.Message):
         logprobs: _abc.Iterable[_builtins.float] | None = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         trace: _abc.Iterable[Global___FeatureTrace] | None = ...,
+        fired: _abc.Iterable[Global___Firing] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "text", b"text", "tokens", b"tokens", "trace", b"trace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "fired", b"fired", "logprobs", b"logprobs", "text", b"text", "tokens", b"tokens", "trace", b"trace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Completion: _TypeAlias = Completion  # noqa: Y015
+
+@_typing.final
+class Firing(_message.Message):
+    """Where a conditional intervention applied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERVENTION_FIELD_NUMBER: _builtins.int
+    POSITIONS_FIELD_NUMBER: _builtins.int
+    intervention: _builtins.int
+    """Its index in the request's `interventions`."""
+    @_builtins.property
+    def positions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Positions, counted over the prompt then the generated tokens (as FeatureTrace's values)."""
+
+    def __init__(
+        self,
+        *,
+        intervention: _builtins.int = ...,
+        positions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intervention", b"intervention", "positions", b"positions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Firing: _TypeAlias = Firing  # noqa: Y015
 
 @_typing.final
 class GenerateSteeredResponse(_message.Message):
@@ -976,6 +1057,7 @@ class GenerateSteeredEvent(_message.Message):
         TEXT_FIELD_NUMBER: _builtins.int
         LOGPROB_FIELD_NUMBER: _builtins.int
         TRACE_FIELD_NUMBER: _builtins.int
+        FIRED_FIELD_NUMBER: _builtins.int
         branch: Global___GenerateSteeredEvent.Branch.ValueType
         index: _builtins.int
         """Index of this token among the branch's generated tokens."""
@@ -991,6 +1073,12 @@ class GenerateSteeredEvent(_message.Message):
             (when include_trace).
             """
 
+        @_builtins.property
+        def fired(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+            """The conditional interventions (indices in the request's `interventions`) that applied at
+            the position that predicted this token.
+            """
+
         def __init__(
             self,
             *,
@@ -1000,10 +1088,11 @@ class GenerateSteeredEvent(_message.Message):
             text: _builtins.str = ...,
             logprob: _builtins.float = ...,
             trace: _abc.Iterable[_builtins.float] | None = ...,
+            fired: _abc.Iterable[_builtins.int] | None = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "index", b"index", "logprob", b"logprob", "text", b"text", "token", b"token", "trace", b"trace"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "fired", b"fired", "index", b"index", "logprob", b"logprob", "text", b"text", "token", b"token", "trace", b"trace"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1037,12 +1126,39 @@ class SearchFeaturesByContrastRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    class _OrderBy:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OrderByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SearchFeaturesByContrastRequest._OrderBy.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ORDER_BY_UNSPECIFIED: SearchFeaturesByContrastRequest._OrderBy.ValueType  # 0
+        ORDER_BY_EFFECT_SIZE: SearchFeaturesByContrastRequest._OrderBy.ValueType  # 1
+        """Effect size, strongest first (the default)."""
+        ORDER_BY_OUTPUT_SCORE: SearchFeaturesByContrastRequest._OrderBy.ValueType  # 2
+        """Output score, highest first, among the 4 × top_n hits of largest effect size (at most
+        Limits.max_top_k): features that both fire with the concept and move the output (Arad
+        et al. 2025). Implies include_output_scores.
+        """
+
+    class OrderBy(_OrderBy, metaclass=_OrderByEnumTypeWrapper): ...
+    ORDER_BY_UNSPECIFIED: SearchFeaturesByContrastRequest.OrderBy.ValueType  # 0
+    ORDER_BY_EFFECT_SIZE: SearchFeaturesByContrastRequest.OrderBy.ValueType  # 1
+    """Effect size, strongest first (the default)."""
+    ORDER_BY_OUTPUT_SCORE: SearchFeaturesByContrastRequest.OrderBy.ValueType  # 2
+    """Output score, highest first, among the 4 × top_n hits of largest effect size (at most
+    Limits.max_top_k): features that both fire with the concept and move the output (Arad
+    et al. 2025). Implies include_output_scores.
+    """
+
     SAE_ID_FIELD_NUMBER: _builtins.int
     POSITIVE_FIELD_NUMBER: _builtins.int
     NEGATIVE_FIELD_NUMBER: _builtins.int
     AGGREGATION_FIELD_NUMBER: _builtins.int
     TOP_N_FIELD_NUMBER: _builtins.int
     LOCATIONS_PER_HIT_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    INCLUDE_OUTPUT_SCORES_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     aggregation: Global___Aggregation.ValueType
     """How each feature is aggregated over a prompt's tokens (default MAX; SUM not allowed). The
@@ -1052,6 +1168,11 @@ class SearchFeaturesByContrastRequest(_message.Message):
     """Hits to return per direction (0 means 10; at most Limits.max_top_k)."""
     locations_per_hit: _builtins.int
     """Where each hit fires: up to this many strongest (prompt, token) places (0: none)."""
+    order_by: Global___SearchFeaturesByContrastRequest.OrderBy.ValueType
+    include_output_scores: _builtins.bool
+    """Give each hit its output score (ContrastHit.output_score): a forward pass per hit over up
+    to 4 prompts of the other set.
+    """
     @_builtins.property
     def positive(self) -> _containers.RepeatedCompositeFieldContainer[Global___Prompt]:
         """Prompts with the concept (at least 2; at most Limits.max_contrast_prompts)."""
@@ -1069,10 +1190,12 @@ class SearchFeaturesByContrastRequest(_message.Message):
         aggregation: Global___Aggregation.ValueType = ...,
         top_n: _builtins.int = ...,
         locations_per_hit: _builtins.int = ...,
+        order_by: Global___SearchFeaturesByContrastRequest.OrderBy.ValueType = ...,
+        include_output_scores: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "locations_per_hit", b"locations_per_hit", "negative", b"negative", "positive", b"positive", "sae_id", b"sae_id", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "include_output_scores", b"include_output_scores", "locations_per_hit", b"locations_per_hit", "negative", b"negative", "order_by", b"order_by", "positive", b"positive", "sae_id", b"sae_id", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1127,6 +1250,7 @@ class ContrastHit(_message.Message):
     FRAC_ACTIVE_POSITIVE_FIELD_NUMBER: _builtins.int
     FRAC_ACTIVE_NEGATIVE_FIELD_NUMBER: _builtins.int
     LOCATIONS_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCORE_FIELD_NUMBER: _builtins.int
     feature: _builtins.int
     mean_positive: _builtins.float
     """Mean per-prompt aggregate in each set."""
@@ -1144,6 +1268,14 @@ class ContrastHit(_message.Message):
     frac_active_positive: _builtins.float
     """Fraction of prompts in each set where the feature is active at all."""
     frac_active_negative: _builtins.float
+    output_score: _builtins.float
+    """How much adding the feature moves the next-token distribution onto the tokens its decoder
+    direction promotes (an output feature: high; a feature that only reads its input: near 0),
+    in [-1, 1]: the probability mass gained by its 20 most promoted tokens (GetFeature's
+    `promoted`) at the last position of up to 4 prompts of the set where it is weaker, when it
+    is added at every position at twice its largest per-prompt value in the search. Present
+    when asked for.
+    """
     @_builtins.property
     def locations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureLocation]: ...
     def __init__(
@@ -1160,12 +1292,15 @@ class ContrastHit(_message.Message):
         frac_active_positive: _builtins.float = ...,
         frac_active_negative: _builtins.float = ...,
         locations: _abc.Iterable[Global___FeatureLocation] | None = ...,
+        output_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_output_score", b"_output_score", "output_score", b"output_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auroc", b"auroc", "effect_size", b"effect_size", "feature", b"feature", "frac_active_negative", b"frac_active_negative", "frac_active_positive", b"frac_active_positive", "locations", b"locations", "mean_difference", b"mean_difference", "mean_negative", b"mean_negative", "mean_positive", b"mean_positive", "p_value", b"p_value", "p_value_corrected", b"p_value_corrected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_output_score", b"_output_score", "auroc", b"auroc", "effect_size", b"effect_size", "feature", b"feature", "frac_active_negative", b"frac_active_negative", "frac_active_positive", b"frac_active_positive", "locations", b"locations", "mean_difference", b"mean_difference", "mean_negative", b"mean_negative", "mean_positive", b"mean_positive", "output_score", b"output_score", "p_value", b"p_value", "p_value_corrected", b"p_value_corrected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__output_score: _TypeAlias = _typing.Literal["output_score"]  # noqa: Y015
+    _WhichOneofArgType__output_score: _TypeAlias = _typing.Literal["_output_score", b"_output_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_score) -> _WhichOneofReturnType__output_score | None: ...
 
 Global___ContrastHit: _TypeAlias = ContrastHit  # noqa: Y015
 
@@ -1398,3 +1533,173 @@ class GetFeatureResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__density) -> _WhichOneofReturnType__density | None: ...
 
 Global___GetFeatureResponse: _TypeAlias = GetFeatureResponse  # noqa: Y015
+
+@_typing.final
+class AttributeFeaturesRequest(_message.Message):
+    """---- AttributeFeatures --------------------------------------------------------------------
+
+    With x(t) the residual stream at the SAE's hookpoint at prompt position t (what the SAE
+    reads) and g(t) = ∂ log p(target | prompt) / ∂x(t), the target predicted at the prompt's last
+    position, the SAE splits x(t) = Σ_i f_i(t) w_i + b_dec + e(t): f_i in the API's convention
+    (model units), w_i = W_dec,i its unit decoder direction, b_dec the decoder bias, e(t) the
+    error term. Each part's attribution is its dot product with g(t) (activation × gradient):
+
+      feature i:  Σ_t f_i(t) (w_i · g(t))     over the positions the SAE reads
+      error:      Σ_t e(t) · g(t)             over the same positions
+      bias:       Σ_t b_dec · g(t)            over the same positions
+      skipped:    Σ_t x(t) · g(t)             over the positions it does not read
+      total:      Σ_t x(t) · g(t)             over every position
+
+    The positions the SAE reads are those GetFeatureActivations aggregates over with
+    include_special_tokens false: not special tokens, not positions it never saw in training.
+    Every feature's attribution + error + bias + skipped = total, exactly. Each is the
+    first-order change of log p(target) when that part is scaled by (1 + ε), per unit ε: ablating
+    a feature (ε = −1) moves log p(target) by about −attribution (STEERING.md measures how well).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    TARGET_TOKEN_FIELD_NUMBER: _builtins.int
+    TARGET_TEXT_FIELD_NUMBER: _builtins.int
+    TOP_N_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    target_token: _builtins.int
+    """The target token's vocabulary id, in [0, GetInfo.vocab_size). Absent, and target_text
+    empty: the model's own most likely next token.
+    """
+    target_text: _builtins.str
+    """Or the target as text, which must tokenise (without special tokens) to exactly one token,
+    e.g. " Paris". Not together with target_token.
+    """
+    top_n: _builtins.int
+    """Features to return, largest |attribution| first (0 means 10; at most Limits.max_top_k)."""
+    @_builtins.property
+    def prompt(self) -> Global___Prompt: ...
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        prompt: Global___Prompt | None = ...,
+        target_token: _builtins.int | None = ...,
+        target_text: _builtins.str = ...,
+        top_n: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_target_token", b"_target_token", "prompt", b"prompt", "target_token", b"target_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target_token", b"_target_token", "prompt", b"prompt", "sae_id", b"sae_id", "target_text", b"target_text", "target_token", b"target_token", "top_n", b"top_n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__target_token: _TypeAlias = _typing.Literal["target_token"]  # noqa: Y015
+    _WhichOneofArgType__target_token: _TypeAlias = _typing.Literal["_target_token", b"_target_token"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_token) -> _WhichOneofReturnType__target_token | None: ...
+
+Global___AttributeFeaturesRequest: _TypeAlias = AttributeFeaturesRequest  # noqa: Y015
+
+@_typing.final
+class FeatureAttribution(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    PER_TOKEN_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    feature: _builtins.int
+    attribution: _builtins.float
+    """Σ_t f_i(t) (w_i · g(t)) over the positions the SAE reads: log p(target) per unit of the
+    feature's share of the residual stream.
+    """
+    max_value: _builtins.float
+    """The feature's largest value f_i(t) over the positions the SAE reads."""
+    @_builtins.property
+    def per_token(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per prompt token: f_i(t) (w_i · g(t)); 0 at positions the SAE does not read."""
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.int = ...,
+        attribution: _builtins.float = ...,
+        per_token: _abc.Iterable[_builtins.float] | None = ...,
+        max_value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "feature", b"feature", "max_value", b"max_value", "per_token", b"per_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureAttribution: _TypeAlias = FeatureAttribution  # noqa: Y015
+
+@_typing.final
+class AttributeFeaturesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_LOGPROB_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    FEATURES_TOTAL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    BIAS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    target_logprob: _builtins.float
+    """log p(target | prompt) under the model as it is."""
+    features_total: _builtins.float
+    """Σ of every feature's attribution, not only those listed."""
+    error: _builtins.float
+    """The SAE's error term: Σ_t e(t) · g(t) over the positions it reads."""
+    bias: _builtins.float
+    """The decoder bias: Σ_t b_dec · g(t) over the positions the SAE reads."""
+    skipped: _builtins.float
+    """The positions the SAE does not read, whole: Σ_t x(t) · g(t) over them."""
+    total: _builtins.float
+    """Σ_t x(t) · g(t) over every position = features_total + error + bias + skipped."""
+    @_builtins.property
+    def prompt_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Token]:
+        """Tokens of the rendered prompt."""
+
+    @_builtins.property
+    def read(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per prompt token: whether the SAE reads its position (see above)."""
+
+    @_builtins.property
+    def target(self) -> Global___Token:
+        """The token attributed (its start and end are -1: it is not in the prompt)."""
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureAttribution]:
+        """The top_n features with non-zero attribution, largest |attribution| first."""
+
+    @_builtins.property
+    def error_per_token(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per prompt token: e(t) · g(t); 0 at positions the SAE does not read."""
+
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        prompt_tokens: _abc.Iterable[Global___Token] | None = ...,
+        read: _abc.Iterable[_builtins.bool] | None = ...,
+        target: Global___Token | None = ...,
+        target_logprob: _builtins.float = ...,
+        features: _abc.Iterable[Global___FeatureAttribution] | None = ...,
+        features_total: _builtins.float = ...,
+        error: _builtins.float = ...,
+        error_per_token: _abc.Iterable[_builtins.float] | None = ...,
+        bias: _builtins.float = ...,
+        skipped: _builtins.float = ...,
+        total: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bias", b"bias", "error", b"error", "error_per_token", b"error_per_token", "features", b"features", "features_total", b"features_total", "prompt_tokens", b"prompt_tokens", "read", b"read", "sae_id", b"sae_id", "skipped", b"skipped", "target", b"target", "target_logprob", b"target_logprob", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeFeaturesResponse: _TypeAlias = AttributeFeaturesResponse  # noqa: Y015

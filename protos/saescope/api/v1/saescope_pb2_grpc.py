@@ -69,6 +69,11 @@ class SaeScopeStub:
                 request_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.GetFeatureRequest.SerializeToString,
                 response_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.GetFeatureResponse.FromString,
                 _registered_method=True)
+        self.AttributeFeatures = channel.unary_unary(
+                '/saescope.api.v1.SaeScope/AttributeFeatures',
+                request_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesRequest.SerializeToString,
+                response_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class SaeScopeServicer:
@@ -129,6 +134,17 @@ class SaeScopeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttributeFeatures(self, request, context):
+        """Which features make the model predict a token: for a prompt and a target token (default:
+        the model's own next token), each feature's attribution, activation × gradient of the
+        target's log-probability at the SAE's hookpoint, with the SAE's error term, its decoder
+        bias and the positions it does not read as nodes of their own; together they add up to
+        the total (first order).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SaeScopeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +182,11 @@ def add_SaeScopeServicer_to_server(servicer, server):
                     servicer.GetFeature,
                     request_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.GetFeatureRequest.FromString,
                     response_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.GetFeatureResponse.SerializeToString,
+            ),
+            'AttributeFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttributeFeatures,
+                    request_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesRequest.FromString,
+                    response_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +378,33 @@ class SaeScope:
             '/saescope.api.v1.SaeScope/GetFeature',
             saescope_dot_api_dot_v1_dot_saescope__pb2.GetFeatureRequest.SerializeToString,
             saescope_dot_api_dot_v1_dot_saescope__pb2.GetFeatureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttributeFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saescope.api.v1.SaeScope/AttributeFeatures',
+            saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesRequest.SerializeToString,
+            saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,13 @@ class SaeScopeStub:
     """One feature: decoder-direction statistics, density, the output tokens it promotes and
     suppresses, its nearest features by decoder cosine, and top examples where a catalog exists.
     """
+    AttributeFeatures: _grpc.UnaryUnaryMultiCallable[_saescope_pb2.AttributeFeaturesRequest, _saescope_pb2.AttributeFeaturesResponse]
+    """Which features make the model predict a token: for a prompt and a target token (default:
+    the model's own next token), each feature's attribution, activation × gradient of the
+    target's log-probability at the SAE's hookpoint, with the SAE's error term, its decoder
+    bias and the positions it does not read as nodes of their own; together they add up to
+    the total (first order).
+    """
 
 @_typing.type_check_only
 class SaeScopeAsyncStub(SaeScopeStub):
@@ -100,6 +107,13 @@ class SaeScopeAsyncStub(SaeScopeStub):
     GetFeature: _aio.UnaryUnaryMultiCallable[_saescope_pb2.GetFeatureRequest, _saescope_pb2.GetFeatureResponse]  # type: ignore[assignment]
     """One feature: decoder-direction statistics, density, the output tokens it promotes and
     suppresses, its nearest features by decoder cosine, and top examples where a catalog exists.
+    """
+    AttributeFeatures: _aio.UnaryUnaryMultiCallable[_saescope_pb2.AttributeFeaturesRequest, _saescope_pb2.AttributeFeaturesResponse]  # type: ignore[assignment]
+    """Which features make the model predict a token: for a prompt and a target token (default:
+    the model's own next token), each feature's attribution, activation × gradient of the
+    target's log-probability at the SAE's hookpoint, with the SAE's error term, its decoder
+    bias and the positions it does not read as nodes of their own; together they add up to
+    the total (first order).
     """
 
 class SaeScopeServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +181,19 @@ class SaeScopeServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_saescope_pb2.GetFeatureResponse, _abc.Awaitable[_saescope_pb2.GetFeatureResponse]]:
         """One feature: decoder-direction statistics, density, the output tokens it promotes and
         suppresses, its nearest features by decoder cosine, and top examples where a catalog exists.
+        """
+
+    @_abc_1.abstractmethod
+    def AttributeFeatures(
+        self,
+        request: _saescope_pb2.AttributeFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saescope_pb2.AttributeFeaturesResponse, _abc.Awaitable[_saescope_pb2.AttributeFeaturesResponse]]:
+        """Which features make the model predict a token: for a prompt and a target token (default:
+        the model's own next token), each feature's attribution, activation × gradient of the
+        target's log-probability at the SAE's hookpoint, with the SAE's error term, its decoder
+        bias and the positions it does not read as nodes of their own; together they add up to
+        the total (first order).
         """
 
 def add_SaeScopeServicer_to_server(servicer: SaeScopeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -90,7 +90,10 @@ FINISH_REASON = Vocabulary.of(pb.FinishReason, unspecified="unspecified")
 BRANCH = Vocabulary.of(pb.GenerateSteeredEvent.Branch)
 """Which completion a streamed token belongs to."""
 
+ORDER_BY = Vocabulary.of(pb.SearchFeaturesByContrastRequest.OrderBy, unspecified="effect_size")
+"""How a contrast search ranks its hits."""
+
 BY_ENUM: dict[str, Vocabulary] = {
-    v.enum.full_name: v for v in (AGGREGATION, MODE, SCOPE, FINISH_REASON, BRANCH)
+    v.enum.full_name: v for v in (AGGREGATION, MODE, SCOPE, FINISH_REASON, BRANCH, ORDER_BY)
 }
 """Every vocabulary by its enum's full name (what conversion looks up)."""

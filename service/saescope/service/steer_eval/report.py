@@ -1,9 +1,11 @@
 """The steering evaluation's report: per concept and method, the best result within the fluency
-budget, the aggregate, and each judge's accuracy, as Markdown (``STEERING.md``'s tables)."""
+budget, the aggregate, and each judge's accuracy, as Markdown (``STEERING.md``'s tables), and a
+plot of concept score against strength and against fluency."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from saescope.service.steer_eval.run import FLUENCY_BUDGET, METHODS, Result, Run
@@ -94,3 +96,50 @@ def markdown(result: Result) -> str:
             f"{total} concepts** (within the fluency budget).",
         ]
     )
+
+
+def plot(result: Result, path: Path) -> None:
+    """Two panels: each method's concept score against strength (mean over concepts), and every
+    run's concept score against its relative perplexity (the fluency budget marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    for i, method in enumerate(METHODS):
+        runs = [r for r in result.runs if r.method == method]
+        if not runs:
+            continue
+        colour = f"C{i}"
+        strengths = sorted({r.strength for r in runs})
+        means = [
+            sum(r.concept_score for r in runs if r.strength == s)
+            / sum(1 for r in runs if r.strength == s)
+            for s in strengths
+        ]
+        if method in ("none", "prompt"):  # no strength: a level line
+            left.axhline(means[0], color=colour, linestyle=":", label=method)
+        else:
+            left.plot(strengths, means, marker="o", color=colour, label=method)
+        right.scatter(
+            [r.relative_ppl for r in runs],
+            [r.concept_score for r in runs],
+            s=14,
+            color=colour,
+            alpha=0.7,
+            label=method,
+        )
+    left.set_xscale("log", base=2)
+    left.set_xlabel("strength (edit norm / ‖difference in means‖)")
+    left.set_ylabel("concept score (mean over concepts)")
+    left.set_title("Concept score against strength")
+    left.legend(fontsize=7)
+    right.axvline(FLUENCY_BUDGET, color="black", linestyle="--", linewidth=1)
+    right.set_xscale("log")
+    right.set_xlabel("relative perplexity (log; dashed: the fluency budget)")
+    right.set_ylabel("concept score")
+    right.set_title("Every concept × method × strength")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -14,6 +14,9 @@ greedy, the same token budget, under each method and strength:
   (the other concepts of its judge kind: French against German, Spanish and Italian; the sea
   against food), clamped. Against neutral English, the four languages share their top hits
   ("not English" features); against each other, the hits are the language's own.
+- ``sae_output``: the hit with the highest output score among the 20 of largest effect size
+  (``order_by="output_score"``: a feature that moves the output, not one that only reads the
+  input; Arad et al. 2025), clamped.
 
 A strength is an edit norm in units of the difference-in-means vector's norm, the same for every
 method (a feature's decoder direction has unit norm: clamped to s·‖v‖, it moves the residual as
@@ -60,6 +63,7 @@ METHODS = (
     "sae_clamp",
     "sae_clamp_top5",
     "sae_clamp_specific",
+    "sae_output",
 )
 FLUENCY_BUDGET = 2.0  # relative perplexity a result may reach and still count
 
@@ -155,13 +159,18 @@ def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print)
             for sentence in other.find_positive[: FIND // 3]
         ]
         specific = _find(engine, sae_id, concept, tuple(siblings))[0] if siblings else []
+        output = _find(engine, sae_id, concept, concept.find_negative, "output_score")[0]
         found[concept.name] = {
             "top_hits": [(h.feature, round(h.auroc, 3), round(h.mean_positive, 3)) for h in hits],
             "top_hits_against_siblings": [(h.feature, round(h.auroc, 3)) for h in specific],
+            "top_hits_by_output_score": [
+                (h.feature, round(h.auroc, 3), round(h.output_score or 0.0, 4)) for h in output
+            ],
             "difference_in_means_norm": norm,
         }
         reference = max(_perplexity(engine, list(concept.heldout_positive)), neutral)
-        for method, strength, edits, system in _configs(cfg, concept, hits, specific, vector):
+        chosen_hits = _Hits(hits, specific, output)
+        for method, strength, edits, system in _configs(cfg, concept, chosen_hits, vector):
             texts = _generate(engine, sae_id, prompts, edits, system, cfg.max_new_tokens)
             judge = judges.judge_for(concept)
             run = Run(
@@ -194,7 +203,11 @@ def _validate(cfg: EvalConfig) -> None:
 
 # ---- what steers -----------------------------------------------------------------------------
 def _find(
-    engine: Engine, sae_id: str, concept: Concept, negative: tuple[str, ...]
+    engine: Engine,
+    sae_id: str,
+    concept: Concept,
+    negative: tuple[str, ...],
+    order_by: t.OrderBy = "effect_size",
 ) -> tuple[list[Any], np.ndarray, float]:
     """The top 5 positive contrast hits of the concept's find sentences against ``negative``,
     and the difference-in-means vector."""
@@ -204,14 +217,25 @@ def _find(
             negative=[t.Prompt(text=s) for s in negative],
             sae_id=sae_id,
             top_n=5,
+            order_by=order_by,
         )
     )
     vector = np.asarray(res.difference_in_means, dtype=np.float32)
     return list(res.positive_hits), vector, res.difference_in_means_norm
 
 
+@dataclass(frozen=True)
+class _Hits:
+    """A concept's contrast hits: against neutral English by effect size (``top``), against its
+    siblings (``specific``), and against neutral English by output score (``output``)."""
+
+    top: list[Any]
+    specific: list[Any]
+    output: list[Any]
+
+
 def _configs(
-    cfg: EvalConfig, concept: Concept, hits: list[Any], specific: list[Any], vector: np.ndarray
+    cfg: EvalConfig, concept: Concept, found: _Hits, vector: np.ndarray
 ) -> Iterable[tuple[str, float, list[t.Intervention], str | None]]:
     """(method, strength, interventions, system prompt) for every run of one concept."""
     yield "none", 0.0, [], None
@@ -222,6 +246,7 @@ def _configs(
     norm = float(np.linalg.norm(vector))
     for s in cfg.strengths:
         yield "diffmean", s, [t.Intervention(0, "direction", s, direction=vector)], None
+        hits = found.top
         if hits:
             top = hits[0].feature
             yield "sae_add", s, [t.Intervention(top, "add", s * norm)], None
@@ -229,9 +254,12 @@ def _configs(
             share = s * norm / math.sqrt(len(hits[:5]))
             five = [t.Intervention(h.feature, "clamp", share) for h in hits[:5]]
             yield "sae_clamp_top5", s, five, None
-        if specific:
-            own = t.Intervention(specific[0].feature, "clamp", s * norm)
+        if found.specific:
+            own = t.Intervention(found.specific[0].feature, "clamp", s * norm)
             yield "sae_clamp_specific", s, [own], None
+        if found.output:
+            best = t.Intervention(found.output[0].feature, "clamp", s * norm)
+            yield "sae_output", s, [best], None
 
 
 def _generate(

@@ -2,7 +2,7 @@
 // (default: SAESCOPE_TARGET or localhost:9000; SAESCOPE_API_KEY is sent when set).
 'use strict';
 
-const { SaeScopeClient, SaeScopeError, clamp, direction, denseToArray } = require('./index');
+const { SaeScopeClient, SaeScopeError, clamp, direction, when, denseToArray } = require('./index');
 
 async function main() {
   const client = new SaeScopeClient({ target: process.argv[2] });
@@ -44,6 +44,22 @@ async function main() {
     console.log(`difference in means: ${vector.length} floats, norm ${hits.differenceInMeansNorm.toFixed(3)}`);
     const pushed = await client.generate(prompt, { interventions: [direction(vector, 30)], maxNewTokens: 8 });
     console.log(`direction: ${JSON.stringify(pushed.steered.text)}`);
+
+    // Conditional: clamp feature 3 only where feature 5 is above 0.5; `fired` says where.
+    const guarded = await client.generate(prompt, {
+      interventions: [when(clamp(3, 6), { feature: 5, above: 0.5 })],
+      maxNewTokens: 8,
+    });
+    const fired = guarded.steered.fired.map((f) => f.positions.join(','));
+    console.log(`conditional: ${JSON.stringify(guarded.steered.text)} fired at [${fired}]`);
+
+    // The hits to steer with: reranked by output score (does adding one move the output?).
+    const steerable = await client.contrast(['Paris in spring', 'I love Paris'], ['Tokyo at night', 'Rome is old'], {
+      topN: 2,
+      orderBy: 'output_score',
+    });
+    const scored = steerable.positiveHits.map((h) => `${h.feature} ${h.outputScore.toFixed(4)}`).join(', ');
+    console.log(`by output score: ${scored}`);
 
     const feat = await client.feature(3, { topLogits: 3 });
     console.log(`feature 3 promotes: ${feat.promoted.map((t) => JSON.stringify(t.token)).join(' ')}`);

@@ -70,6 +70,8 @@ const AGGREGATION = vocabulary(enumDescriptor(null, 'Aggregation'));
 const MODES = Object.freeze(Object.keys(MODE));
 const SCOPES = Object.freeze(Object.keys(SCOPE));
 const AGGREGATIONS = Object.freeze(Object.keys(AGGREGATION));
+const ORDER_BY = vocabulary(enumDescriptor('SearchFeaturesByContrastRequest', 'OrderBy'));
+const ORDERS = Object.freeze(Object.keys(ORDER_BY));
 
 /** The enum value name of `word`, or an error naming `field` and the words it accepts. */
 function enumName(names, word, field) {
@@ -277,6 +279,9 @@ class SaeScopeClient {
       aggregation: enumName(AGGREGATION, opts.aggregation || 'max', 'aggregation'),
       topN: opts.topN || 10,
       locationsPerHit: opts.locations || 0,
+      // 'output_score': the strongest hits reranked by their effect on the output
+      orderBy: enumName(ORDER_BY, opts.orderBy || 'effect_size', 'orderBy'),
+      includeOutputScores: Boolean(opts.outputScores),
     };
     return this._unary('SearchFeaturesByContrast', request, opts.timeoutMs);
   }
@@ -328,6 +333,7 @@ module.exports = {
   arrayToDense,
   SCOPES,
   AGGREGATIONS,
+  ORDERS,
   denseToArray,
   toPrompt,
   PROTO_ROOT,

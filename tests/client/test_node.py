@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 
-from saescope.client import Client, direction
+from saescope.client import Client, clamp, direction
 from tests.client.conftest import NODE_DIR
 from tests.support.serve import ServeInstance
 
@@ -50,6 +50,22 @@ def test_node_example_runs_against_the_service(
         max_new_tokens=8,
     )
     assert f"direction: {json.dumps(pushed.text, ensure_ascii=False)}" in out
+    # a condition built by Node fires where the same condition from Python does
+    guarded = client.generate(
+        "The quick brown fox jumps over the lazy dog",
+        interventions=[clamp(3, 6.0).when(5, above=0.5)],
+        max_new_tokens=8,
+    )
+    fired = ",".join(str(p) for p in guarded.steered.fired[0].positions)
+    assert f"conditional: {json.dumps(guarded.text, ensure_ascii=False)} fired at [{fired}]" in out
+    steerable = client.contrast(
+        ["Paris in spring", "I love Paris"],
+        ["Tokyo at night", "Rome is old"],
+        top_n=2,
+        order_by="output_score",
+    )
+    scored = ", ".join(f"{h.feature} {h.output_score:.4f}" for h in steerable.positive_hits)
+    assert f"by output score: {scored}" in out
     why = client.attribute("The quick brown fox jumps over the lazy dog", top_n=3)
     target = json.dumps(why.target.text, ensure_ascii=False)
     assert f"attribution of {target}: {why.features[0].feature} " in out

@@ -155,6 +155,7 @@ process.stdout.write(JSON.stringify({
   modes: Object.keys(m.interventions),
   scopes: m.SCOPES,
   aggregations: m.AGGREGATIONS,
+  orders: m.ORDERS,
   sent: Object.fromEntries(Object.entries(m.interventions).map(([w, f]) => [w, f(3).mode])),
   named: ['clamp', 'add', 'multiply', 'ablate', 'direction'].map(
     (w) => m[w] === m.interventions[w]),
@@ -175,6 +176,7 @@ def test_node_client_words(node: str) -> None:
     assert tuple(words["modes"]) == vocabulary.MODE.words
     assert tuple(words["scopes"]) == vocabulary.SCOPE.words
     assert tuple(words["aggregations"]) == vocabulary.AGGREGATION.words
+    assert tuple(words["orders"]) == vocabulary.ORDER_BY.words
     mode_names = {
         w: vocabulary.MODE.enum.values_by_number[n].name for w, n in vocabulary.MODE.numbers.items()
     }

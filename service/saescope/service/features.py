@@ -4,9 +4,12 @@
 - ``density``: 10^x of the checkpoint's ``sparsity.safetensors`` (log10 density over training's
   last window, SAELens's convention); None without that file.
 - Promoted / suppressed tokens by direct logit attribution: ``W_U · (γ ⊙ u)``, with ``u`` the
-  unit decoder direction and ``γ`` the final norm's elementwise weight when the model has one
-  (RMSNorm/LayerNorm ``weight``; its bias and the normalisation's scale are left out: they do not
-  depend on the feature, and scale every token's logit alike).
+  unit decoder direction and ``γ`` the final norm's elementwise gain, read off the model's own
+  norm module (``final_norm_gain``): its ``weight`` for Llama's RMSNorm and GPT-2's or NeoX's
+  LayerNorm, ``1 + weight`` for Gemma's RMSNorm, whatever a module computes. The norm's bias and
+  its normalisation by the residual's size are left out: they do not depend on the feature, and
+  shift or scale every token's logit alike. So is a final logit soft-capping (Gemma-2:
+  ``c · tanh(z / c)``): it is monotone, so it keeps the tokens' order.
 - Nearest features by cosine between decoder directions, itself excluded.
 - Top activating examples need a catalog, which no SAE has yet (``has_catalog`` is False).
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saescope.service.errors import InvalidArgument, OutOfRange
 from saescope.service.runtime import LoadedSae, ModelRuntime
@@ -40,20 +43,38 @@ def validate_request(ls: LoadedSae, req: FeatureRequest, limits: Limits) -> tupl
     return counts[0], counts[1]
 
 
-def final_norm_weight(model: Any) -> Tensor | None:
-    """The elementwise weight ``γ (d_model,)`` of the norm before the unembedding, if any."""
+def final_norm_gain(model: Any) -> Tensor | None:
+    """The elementwise gain ``γ (d_model,)`` of the norm before the unembedding, if any.
+
+    Measured, not read from a weight: the norm's output on a probe ``x`` of mean 0 and RMS 1
+    (entries ±1) and on ``−x``; ``(N(x) − N(−x)) / 2x`` is ``γ`` for an RMSNorm (``x · γ``, or
+    ``x · (1 + w)`` in Gemma) and for a LayerNorm (the bias cancels, the mean is 0), up to the
+    norm's ε (a relative 1e-5 at most).
+    """
     base = getattr(model, "base_model", model)
-    for name in _FINAL_NORMS:
-        weight = getattr(getattr(base, name, None), "weight", None)
-        if isinstance(weight, Tensor):
-            return weight.detach()
-    return None
+    norm = next(
+        (m for n in _FINAL_NORMS if isinstance(m := getattr(base, n, None), nn.Module)), None
+    )
+    if norm is None:
+        return None
+    weight = next(norm.parameters(), None)
+    d = int(model.config.get_text_config(decoder=True).hidden_size)
+    x = torch.ones(d)
+    x[1::2] = -1.0
+    if d % 2:
+        x[-3:] = torch.tensor([1.0, 1.0, -2.0])  # odd width: keep the mean 0, no entry 0
+    x = x / x.pow(2).mean().sqrt()
+    if weight is not None:
+        x = x.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        out = norm(torch.stack([x, -x]))  # (2, d)
+    return ((out[0].float() - out[1].float()) / (2 * x.float())).detach()
 
 
 def logit_attribution(rt: ModelRuntime, direction: Tensor) -> Tensor:
     """Direct logit attribution ``(V,)`` of a unit direction ``(d_model,)``."""
     w_u = rt.model.get_output_embeddings().weight.detach()  # (V, d_model)
-    gamma = final_norm_weight(rt.model)
+    gamma = final_norm_gain(rt.model)
     d = direction.to(w_u.device, torch.float32)
     if gamma is not None:
         d = d * gamma.to(w_u.device, torch.float32)

@@ -84,7 +84,7 @@ def response_bytes(encoded: list[Encoded], req: ActivationsRequest, ls: LoadedSa
     the aggregated top list.
     """
     cfg = ls.sae.cfg
-    active = cfg.k if cfg.architecture == "topk" and cfg.k else ls.d_sae  # per token, at most
+    active = cfg.arch.max_active(cfg)  # per token, at most
     k = min(req.top_k_per_token, active)
     per_token = 28 + 9 + 4 * len(req.feature_ids) + (12 + 9 * k if k > 0 else 0)
     per_prompt = 64 + 9 * min(req.top_k_aggregated, ls.d_sae)

@@ -3,7 +3,8 @@
 Layout of a checkpoint directory::
 
     cfg.json                  SAELens config (architecture, d_in, d_sae, metadata: model, hook)
-    sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec — the exported SAE, in model units
+    sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec (+ threshold: jumprelu, batchtopk,
+                              matryoshka) — the exported SAE, in model units
     sparsity.safetensors      "sparsity": log10 feature density over the last window (optional)
     saescope.json             saescope's metadata: model, hookpoint, scale, tokens, metrics,
                               config, and ``files``: the sha256 of every other file
@@ -102,13 +103,8 @@ def _write_contents(
 
 def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) -> dict[str, Any]:
     """The ``cfg.json`` SAELens ≥ 6 reads (``SAE.load_from_disk``)."""
-    arch: dict[str, Any] = (
-        {"architecture": "standard", "apply_b_dec_to_input": False}
-        if cfg.architecture == "relu"
-        else {"architecture": "topk", "k": cfg.k, "apply_b_dec_to_input": True}
-    )
     return {
-        **arch,
+        **cfg.arch.sae_lens_fields(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": str(dtype).removeprefix("torch."),
@@ -227,10 +223,14 @@ def load_sae(
 ) -> tuple[SAE, dict[str, Any]]:
     """Load the exported SAE and its metadata after verifying every hash."""
     meta = verify(path)
-    cfg = SAEConfig(**meta["sae"])
+    try:
+        cfg = SAEConfig(**meta["sae"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint: {path}: {META_FILE} sae: {e}") from e
     weights = _load_tensors(Path(path) / WEIGHTS_FILE)
-    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,)}
-    expected |= {"W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    # the four weights and whatever the architecture adds (a JumpReLU threshold)
+    with torch.device("meta"):  # shapes only, no memory
+        expected = {name: tuple(t.shape) for name, t in SAE(cfg).state_dict().items()}
     for name, shape in expected.items():
         if name not in weights or tuple(weights[name].shape) != shape:
             got = tuple(weights[name].shape) if name in weights else "absent"

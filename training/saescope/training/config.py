@@ -29,23 +29,30 @@ class _Section(BaseModel):
 class SAESection(_Section):
     """Shape of the SAE."""
 
-    architecture: Literal["relu", "topk"] = "relu"
-    """``relu``: the paper's L1 SAE (Templeton et al. 2024); ``topk``: Gao et al. 2024 with AuxK."""
+    architecture: str = "relu"
+    """``relu``: the paper's L1 SAE (Templeton et al. 2024); ``topk``: Gao et al. 2024 with AuxK;
+    ``batchtopk``, ``jumprelu``, ``matryoshka``: see ``saescope.training.architectures``."""
     d_sae: int | None = Field(default=None, gt=0)
     """Number of features. Give this or ``expansion_factor`` (default: 8 × d_in)."""
     expansion_factor: int | None = Field(default=None, gt=0)
     """Features per residual dimension, d_sae = expansion_factor × d_in."""
     k: int | None = Field(default=None, gt=0)
-    """Active features per token; ``topk`` only (required there)."""
+    """Active features per token (a mean over the batch for batchtopk and matryoshka); required
+    by topk, batchtopk and matryoshka, refused by the others."""
+    options: dict[str, Any] = {}
+    """The architecture's own settings, checked by it: jumprelu ``bandwidth``,
+    ``init_threshold``, ``l0_coefficient``; batchtopk ``threshold_rate``; matryoshka
+    ``prefixes`` (e.g. ``sae.options.prefixes=[128,512,2048]``) and ``threshold_rate``."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        from saescope.training.sae import SAEConfig  # the architecture's own checks
+
         if self.d_sae is not None and self.expansion_factor is not None:
             raise ValueError("expansion_factor: give d_sae or expansion_factor, not both")
-        if self.architecture == "topk" and self.k is None:
-            raise ValueError("k: the topk architecture needs k")
-        if self.architecture == "relu" and self.k is not None:
-            raise ValueError("k: only the topk architecture takes k")
+        # d_sae may depend on d_in, unknown here: check with the widest SAE; build_trainer
+        # checks again with the real one.
+        SAEConfig(1, self.d_sae or 2**31, self.architecture, self.k, self.options)
         return self
 
     def resolve_d_sae(self, d_in: int) -> int:

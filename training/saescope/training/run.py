@@ -266,6 +266,7 @@ def build_trainer(cfg: TrainConfig, d_in: int) -> Trainer:
         d_sae=cfg.sae.resolve_d_sae(d_in),
         architecture=cfg.sae.architecture,
         k=cfg.sae.k,
+        options=cfg.sae.options,
     )
     sae = SAE(sae_cfg).to(models.pick_device(cfg.activations.device))
     sae.init_weights(generator=torch.Generator().manual_seed(cfg.train.seed))

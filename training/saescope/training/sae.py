@@ -1,19 +1,17 @@
-"""The sparse autoencoder: every architecture's math in one module.
+"""The sparse autoencoder: the module every architecture shares.
 
 Shapes: ``x`` is ``(N, d_in)``, features ``f`` are ``(N, d_sae)``. Weights follow DESIGN §3:
-``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``.
+``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, plus
+whatever the architecture adds (a JumpReLU ``threshold (d_sae,)``)::
 
-``relu`` — Templeton et al. 2024, *Scaling Monosemanticity* (and the April 2024 update)::
+    pre = W_encᵀ x + b_enc        (or W_encᵀ (x − b_dec) + b_enc: topk, batchtopk, matryoshka)
+    f   = activate(pre)           (ReLU, TopK_k, JumpReLU_θ …)
+    x̂   = W_decᵀ f + b_dec
 
-    f  = ReLU(W_encᵀ x + b_enc)                    (no pre-encoder bias)
-    x̂  = W_decᵀ f + b_dec
-    L  = ‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖₂
-
-``topk`` — Gao et al. 2024, *Scaling and evaluating sparse autoencoders*::
-
-    f  = ReLU(TopK_k(W_encᵀ (x − b_dec) + b_enc))
-    x̂  = W_decᵀ f + b_dec,     ‖W_dec,i‖₂ = 1
-    L  = ‖x − x̂‖² + α · ‖e − ê‖²,   e = x − x̂,   ê = W_decᵀ TopK_{k_aux}(dead pre-acts)
+What differs between architectures — the activation, the training pass and its losses,
+decoder upkeep, SAELens's name — is the architecture object (``architectures.py``), which this
+module calls through ``SAEConfig.arch``. ``relu`` (Templeton et al. 2024) trains
+``‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖₂``; ``topk`` (Gao et al. 2024) ``‖x − x̂‖² + α · AuxK``.
 
 The trained SAE lives in normalised units (``x · scale`` with E‖x·scale‖² = d_in). ``export()``
 returns an inference copy in model units with unit-norm decoder rows, so that served features
@@ -22,14 +20,14 @@ are ``f_i · ‖W_dec,i‖`` (the paper's convention) and ``x̂`` is in the mode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-Architecture = Literal["relu", "topk"]
-ARCHITECTURES: tuple[Architecture, ...] = ("relu", "topk")
+from saescope.training import architectures
+from saescope.training.architectures import Architecture
 
 
 @dataclass(frozen=True)
@@ -40,23 +38,23 @@ class SAEConfig:
     """Width of the residual stream the SAE reads."""
     d_sae: int
     """Number of features."""
-    architecture: Architecture = "relu"
-    """``relu`` (the paper's L1 SAE) or ``topk`` (Gao et al.)."""
+    architecture: str = "relu"
+    """A name in ``architectures.ARCHITECTURES``: relu, topk, batchtopk, jumprelu, matryoshka."""
     k: int | None = None
-    """Active features per token, ``topk`` only."""
+    """Active features per token (topk; a mean over the batch for batchtopk, matryoshka)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The architecture's own settings; checked, and completed with defaults, on creation."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"architecture: must be one of {ARCHITECTURES}, got {self.architecture!r}"
-            )
+        arch = architectures.get(self.architecture)
         if self.d_in < 1 or self.d_sae < 1:
             raise ValueError(f"d_in and d_sae must be ≥ 1, got d_in={self.d_in} d_sae={self.d_sae}")
-        if self.architecture == "topk":
-            if self.k is None or not 1 <= self.k <= self.d_sae:
-                raise ValueError(f"k: topk needs 1 ≤ k ≤ d_sae={self.d_sae}, got {self.k}")
-        elif self.k is not None:
-            raise ValueError("k: only the topk architecture takes k")
+        object.__setattr__(self, "options", arch.check(self))
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture object: the SAE contract for this kind."""
+        return architectures.get(self.architecture)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -73,15 +71,36 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+        for name, extra in cfg.arch.extra.items():  # (d_sae,) each, in pre-activation units
+            value = torch.full((d_sae,), extra.init(cfg), dtype=dtype)
+            if extra.trainable:
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    @property
+    def arch(self) -> Architecture:
+        return self.cfg.arch
+
+    @property
+    def threshold(self) -> Tensor:
+        """The JumpReLU threshold ``(d_sae,)`` of the kinds that have one."""
+        t: Tensor | None = self._parameters.get("threshold")
+        if t is None:
+            t = self._buffers.get("threshold")
+        if t is None:
+            raise AttributeError(f"a {self.cfg.architecture} SAE has no threshold")
+        return t
 
     # ---- initialisation -------------------------------------------------------------------
     def init_weights(self, generator: torch.Generator | None = None, dec_norm: float = 0.1) -> None:
-        """Decoder rows: random directions of norm ``dec_norm`` (relu) or 1 (topk); W_enc = W_decᵀ.
+        """Decoder rows: random directions of norm ``dec_norm`` (relu) or 1; W_enc = W_decᵀ.
 
-        The April 2024 update initialises small decoder norms so the L1 term starts gentle; Gao et
-        al. keep unit norms throughout. Biases start at zero.
+        The April 2024 update initialises small decoder norms so the L1 term starts gentle; the
+        other kinds keep unit norms throughout. Biases start at zero, extra tensors at their
+        architecture's value.
         """
-        norm = 1.0 if self.cfg.architecture == "topk" else dec_norm
+        norm = 1.0 if self.arch.unit_norm_decoder else dec_norm
         with torch.no_grad():
             w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
             w = w / w.norm(dim=1, keepdim=True) * norm
@@ -89,10 +108,12 @@ class SAE(nn.Module):
             self.W_enc.copy_(w.T)
             self.b_enc.zero_()
             self.b_dec.zero_()
+            for name, extra in self.arch.extra.items():
+                getattr(self, name).fill_(extra.init(self.cfg))
 
     # ---- forward --------------------------------------------------------------------------
     def encode_pre(self, x: Tensor) -> Tensor:
-        """Pre-activations ``(N, d_sae)``; topk subtracts b_dec first (Gao et al.); relu doesn't."""
+        """Pre-activations ``(N, d_sae)``; topk & co subtract b_dec first (Gao et al.), relu not."""
         return self.encode_pre_with(x, self.W_enc, self.b_enc)
 
     def encode_pre_with(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
@@ -102,17 +123,13 @@ class SAE(nn.Module):
         computes in float32 (the service keeps SAEs in float32; see ``bench/sae_dtype.py``).
         """
         x = x.to(W_enc.dtype)
-        if self.cfg.architecture == "topk":
+        if self.arch.subtract_b_dec:
             x = x - self.b_dec
         return x @ W_enc + b_enc
 
     def activate(self, pre: Tensor) -> Tensor:
-        """Features from pre-activations ``(N, d_sae)``."""
-        if self.cfg.architecture == "relu":
-            return torch.relu(pre)
-        assert self.cfg.k is not None
-        top = pre.topk(self.cfg.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+        """Features from pre-activations ``(N, d_sae)`` (at inference: batchtopk's threshold)."""
+        return self.arch.activate(self, pre)
 
     def encode(self, x: Tensor) -> Tensor:
         """Features ``(N, d_sae)`` of inputs ``(N, d_in)``."""
@@ -159,7 +176,7 @@ class SAE(nn.Module):
         den = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return num / den
 
-    # ---- decoder-norm maintenance (topk) --------------------------------------------------
+    # ---- decoder-norm maintenance (unit-norm kinds) -------------------------------------
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Project out the gradient component along each decoder row (keeps ‖W_dec,i‖ = 1)."""
@@ -184,7 +201,8 @@ class SAE(nn.Module):
         ``u_i = W_dec,i / n_i``, so the exported feature is ``g_i = f_i · n_i / scale`` — the
         paper's ``f_i · ‖W_dec,i‖``, measured in the model's own units. Folding ``n_i / scale``
         into the encoder is exact for ReLU (positively homogeneous); for topk every ``n_i`` is 1
-        and ``1/scale`` is shared, so the top-k choice is unchanged.
+        and ``1/scale`` is shared, so the top-k choice is unchanged. Extra tensors (thresholds)
+        are in pre-activation units and scale like ``b_enc``.
         """
         out = SAE(self.cfg, dtype=self.W_enc.dtype)
         norms = self.decoder_norms().clamp_min(1e-12)  # (d_sae,)
@@ -193,4 +211,6 @@ class SAE(nn.Module):
         out.b_enc.copy_(self.b_enc * norms / scale)
         out.W_dec.copy_(self.W_dec / norms[:, None])
         out.b_dec.copy_(self.b_dec / scale)
+        for name in self.arch.extra:
+            getattr(out, name).copy_(getattr(self, name) * norms / scale)
         return out

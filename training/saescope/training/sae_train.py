@@ -21,13 +21,14 @@ AuxK (Gao et al.) stays on autograd in ``SAE.aux_k_loss``, over the dead feature
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saescope.training.sae import SAE
+if TYPE_CHECKING:
+    from saescope.training.sae import SAE
 
 GATHER_CHUNK = 512  # tokens per chunk when gathering active decoder rows: (chunk, k, d_in) floats
 NORM_EPS = 1e-12
@@ -38,10 +39,11 @@ class TrainingPass:
     """What a training step needs from the forward pass; the losses carry their gradients."""
 
     mse: Tensor  # 0-d: mean_N ‖x − x̂‖², differentiable
-    sparsity: Tensor  # 0-d: mean_N Σ_i f_i ‖W_dec,i‖ (differentiable for relu)
+    sparsity: Tensor  # 0-d: the sparsity term (relu: mean_N Σ_i f_i ‖W_dec,i‖; jumprelu: L0)
     x_hat: Tensor  # (N, d_in), detached
     counts: Tensor  # (d_sae,) tokens each feature was active on, detached
-    pre: Tensor | None = None  # (N, d_sae) pre-activations, detached (topk: picks AuxK's features)
+    pre: Tensor | None = None  # (N, d_sae) pre-activations, detached (picks AuxK's features)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # an architecture's own loss terms
 
 
 @dataclass
@@ -59,20 +61,12 @@ class Buffers:
 
 
 def training_pass(sae: SAE, x: Tensor, buffers: Buffers) -> TrainingPass:
-    """Losses and statistics of one batch ``x (N, d_in)`` (normalised units)."""
-    if sae.cfg.architecture == "relu":
-        f_buf = buffers.get("f", x, len(x), sae.cfg.d_sae)
-        s_buf = buffers.get("active", x, len(x), sae.cfg.d_sae)
-        mse, sparsity, x_hat, counts = _ReluPass.apply(
-            x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, f_buf, s_buf
-        )
-        return TrainingPass(mse, sparsity, x_hat, counts)
-    assert sae.cfg.k is not None
-    pre_buf = buffers.get("pre", x, len(x), sae.cfg.d_sae)
-    mse, sparsity, x_hat, counts, pre = _TopKPass.apply(
-        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k, pre_buf
-    )
-    return TrainingPass(mse, sparsity, x_hat, counts, pre)
+    """Losses and statistics of one batch ``x (N, d_in)`` (normalised units).
+
+    The SAE's architecture object runs it (``architectures.py``): relu and topk through the
+    hand-written passes below, the others through autograd.
+    """
+    return sae.arch.forward_pass(sae, x, buffers)
 
 
 class _ReluPass(torch.autograd.Function):

@@ -10,10 +10,12 @@ takes ``(N, d_in)`` tensors in model units. The recipe (Templeton et al. 2024, D
 - λ warmed up linearly over the first 5% of steps; lr decayed linearly to 0 over the last 20%;
 - relu: ``L = mean_N ‖x − x̂‖² + λ · mean_N Σ_i f_i ‖W_dec,i‖``;
 - topk (Gao et al. 2024): ``L = mean_N ‖x − x̂‖² + α · AuxK``, decoder rows kept at unit norm
-  (gradient parallel to each row removed before the step, rows renormalised after it).
+  (gradient parallel to each row removed before the step, rows renormalised after it);
+- batchtopk, jumprelu, matryoshka: see ``architectures.py``.
 
-The forward and backward of both losses are ``sae_train.training_pass`` (hand-written passes,
-checked against autograd through ``sae.py``'s reference math); AuxK runs on autograd.
+The trainer asks the SAE's architecture object for the pass (``sae_train.training_pass``:
+hand-written for relu and topk, checked against autograd through ``sae.py``'s reference math),
+its losses, and the decoder upkeep around the optimiser step; it never branches on the name.
 
 Everything that the next step depends on — raw weights, Adam's moments, step, dead-feature
 counters, RNG states — is in ``state()`` / ``load_state()``, as tensors and JSON (no pickle).
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from saescope.training import sae_train
+from saescope.training.architectures import StepContext
 from saescope.training.config import TrainSection
 from saescope.training.metrics import FeatureStats, MetricsWindow
 from saescope.training.sae import SAE
@@ -56,7 +59,7 @@ class Trainer:
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
         self.log_every = log_every_steps
         self.device = sae.W_enc.device
-        self.topk = sae.cfg.architecture == "topk"
+        self.arch = sae.arch
         self.opt = torch.optim.Adam(
             sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0
         )
@@ -78,11 +81,15 @@ class Trainer:
             return self.cfg.lr
         return self.cfg.lr * min(1.0, (self.total_steps - step) / self.decay_steps)
 
-    def l1_at(self, step: int) -> float:
-        """Linear from ~0 to λ over the first ``warmup_steps`` steps."""
+    def warmup_at(self, step: int) -> float:
+        """Linear from ~0 to 1 over the first ``warmup_steps`` steps: λ's factor."""
         if self.warmup_steps == 0:
-            return self.cfg.l1_coefficient
-        return self.cfg.l1_coefficient * min(1.0, (step + 1) / self.warmup_steps)
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+    def l1_at(self, step: int) -> float:
+        """The architecture's sparsity coefficient λ at ``step`` (relu: ``l1_coefficient``)."""
+        return self.arch.coefficient(self.sae, self.cfg) * self.warmup_at(step)
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, batches: Iterable[Tensor], callback: Callback | None = None) -> None:
@@ -135,28 +142,15 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         p = sae_train.training_pass(self.sae, x, self.buffers)
-        scalars = {"mse": p.mse, "sparsity": p.sparsity}
-        if self.topk:
-            assert p.pre is not None
-            # Gao et al.'s losses are both normalised MSEs; ours is not (the paper's sum over
-            # d_in), so AuxK is put back into our units by the batch's variance.
-            var = (x - x.mean(0)).pow(2).sum(-1).mean()
-            aux = self.sae.aux_k_loss(x, p.x_hat, p.pre, self.features.dead(), self.cfg.aux_k)
-            aux = aux * var
-            loss = p.mse + self.cfg.aux_k_coeff * aux
-            scalars["aux_k"] = aux
-        else:
-            loss = p.mse + self.l1_at(self.step) * p.sparsity
-        scalars["loss"] = loss
+        ctx = StepContext(self.cfg, self.warmup_at(self.step), self.features.dead())
+        scalars = self.arch.losses(self.sae, x, p, ctx)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.topk:
-            self.sae.remove_parallel_grad()
+        scalars["loss"].backward()
+        self.arch.before_step(self.sae)
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        if self.topk:
-            self.sae.normalize_decoder()
+        self.arch.after_step(self.sae)
         return StepOutput(p.x_hat, p.counts, {k: v.detach() for k, v in scalars.items()})
 
     def observe(self, x: Tensor, out: StepOutput) -> None:
@@ -172,13 +166,13 @@ class Trainer:
             return None
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
         record |= self.window.record()
-        if not self.topk:
+        if not self.arch.has_aux_k:
             del record["aux_k"]
         record["dead_frac"] = float(self.features.dead().float().mean())
         record["dead_window_tokens"] = self.features.window
         record["lr"] = self.lr_at(self.step - 1)
-        if not self.topk:
-            record["l1_coefficient"] = self.l1_at(self.step - 1)
+        if self.arch.sparsity_coefficient is not None:
+            record[self.arch.sparsity_coefficient] = self.l1_at(self.step - 1)
         self.last_record = record
         return record
 

@@ -406,11 +406,11 @@ def test_aggregation_leaves_out_specials_sink_and_outliers() -> None:
     keep = ls.aggregation_mask(x, special, include_special=False)
     assert keep.tolist() == [False, True, False, True, False, True]
     # per token, callers are told which positions are out of the SAE's distribution
-    assert ls.out_of_distribution(x).tolist() == [True, False, False, False, True, False]
+    assert ls.out_of_distribution(x, special).tolist() == [True, False, False, False, True, False]
     assert ls.aggregation_mask(x, special, include_special=True).all()
     # an SAE whose checkpoint records no such rules leaves out only the special tokens
     plain = LoadedSae("p", sae, "model.layers.0", 0, {}, None)
-    assert not plain.out_of_distribution(x).any()
+    assert not plain.out_of_distribution(x, special).any()
     assert plain.aggregation_mask(x, special, False).tolist() == [
         True,
         True,

@@ -253,5 +253,5 @@ def prompt_activations(
         top_features=top_active(aggregated, req.top_k_aggregated),
         error_norms=(x.float() - x_hat.float()).norm(dim=-1).tolist(),
         residual_norms=x.float().norm(dim=-1).tolist(),
-        out_of_distribution=ls.out_of_distribution(x).tolist(),
+        out_of_distribution=ls.out_of_distribution(x, enc.special_mask()).tolist(),
     )

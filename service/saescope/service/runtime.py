@@ -34,7 +34,7 @@ from torch import Tensor
 
 from saescope.service.errors import InvalidArgument, NotFound
 from saescope.service.types import SaeInfo
-from saescope.training import checkpoint, models
+from saescope.training import checkpoint, models, positions
 from saescope.training.sae import SAE
 
 DTYPES: dict[str, torch.dtype] = {
@@ -124,24 +124,20 @@ class LoadedSae:
         """
         if include_special:
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (T,)
-        keep = ~self.out_of_distribution(x)  # (T,)
+        keep = ~self.out_of_distribution(x, special)  # (T,)
         return keep & ~torch.tensor(special, dtype=torch.bool, device=x.device)
 
-    def out_of_distribution(self, x: Tensor) -> Tensor:
+    def out_of_distribution(self, x: Tensor, special: list[bool]) -> Tensor:
         """Positions ``(T,)`` of residuals ``x (T, d_in)`` the SAE never saw in training.
 
-        The trainer records its rules in the checkpoint: the first ``skip_first_positions`` of a
-        prompt, where the attention sink sits (its residual norm is ~100× the median on
-        SmolLM2), and any position whose residual norm exceeds ``outlier_norm_factor`` × the
-        prompt's median.
+        The trainer's rule, as its checkpoint records it (``saescope.training.positions``): the
+        first ``skip_first_positions`` of a prompt, where the attention sink sits (its residual
+        norm is ~100× the median on SmolLM2), and any position whose residual norm exceeds
+        ``outlier_norm_factor`` × the median over the prompt's eligible positions (not special,
+        past the first).
         """
-        out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (T,)
-        out[: int(self.meta.get("skip_first_positions") or 0)] = True
-        factor = self.meta.get("outlier_norm_factor")
-        if factor:
-            norms = x.float().norm(dim=-1)  # (T,)
-            out |= norms > float(factor) * norms.median()
-        return out
+        flags = torch.tensor(special, dtype=torch.bool, device=x.device)
+        return positions.out_of_distribution(x, flags, positions.rules_of(self.meta))
 
     def info(self) -> SaeInfo:
         cfg = self.sae.cfg

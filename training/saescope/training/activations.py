@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from saescope.training import positions
 from saescope.training.data import DataConfig, iter_texts
 from saescope.training.models import run_to_hookpoints
 
@@ -198,18 +199,16 @@ class ModelRows:
         """
         if self.outlier_norm_factor is None or len(rows) == 0:
             return rows
-        norms = rows.float().norm(dim=1)  # (n,)
-        keep = norms <= self.outlier_norm_factor * norms.median()
-        self.outliers_dropped += int((~keep).sum())
-        return rows[keep]
+        norms = rows.float().norm(dim=1)  # (n,): every row is eligible (``keep_mask``)
+        among = torch.ones_like(norms, dtype=torch.bool)
+        out = positions.norm_outliers(norms, among, self.outlier_norm_factor)
+        self.outliers_dropped += int(out.sum())
+        return rows[~out]
 
     def keep_mask(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Positions that become rows: real tokens, not special, past the first few."""
-        keep = mask.bool()
-        keep[:, : self.skip_first] = False
-        if len(self._special):
-            keep &= ~torch.isin(ids, self._special)
-        return keep
+        special = torch.isin(ids, self._special) if len(self._special) else torch.zeros_like(mask)
+        return positions.eligible(special, self.skip_first, mask)
 
 
 # ---- shuffling and batching -----------------------------------------------------------------

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saescope.training import models
+from saescope.training import models, positions
 from saescope.training.checkpoint import load_sae
 from saescope.training.sae import SAE
 
@@ -223,8 +223,8 @@ def evaluate(
     )
     for ids, attn in batches(windows, batch_size, pad_id):
         ids, attn = ids.to(device), attn.to(device)
-        sae_pos = attn & ~torch.isin(ids, special)  # (B, T) positions the SAE reads and replaces
-        sae_pos[:, :skip_first] = False
+        # (B, T) the positions the SAE reads and replaces (``positions``: the trainer's rule)
+        sae_pos = positions.eligible(torch.isin(ids, special), skip_first, attn)
         _eval_batch(model, sae, hookpoint, ids, attn, sae_pos, acc, outlier_norm_factor)
         acc.count_batch(int(attn.sum()), ids.shape[0])
         if progress is not None:
@@ -261,9 +261,9 @@ def _eval_batch(
         raise ValueError(
             f"d_in: the SAE reads d_in={sae.cfg.d_in} but {hookpoint} outputs width {h.shape[-1]}"
         )
-    if outlier_norm_factor and bool(sae_pos.any()):
+    if outlier_norm_factor:
         norms = h.float().norm(dim=-1)  # (B, T)
-        sae_pos = sae_pos & (norms <= outlier_norm_factor * norms[sae_pos].median())
+        sae_pos = sae_pos & ~positions.norm_outliers(norms, sae_pos, outlier_norm_factor)
     x = h[sae_pos].to(sae.W_enc.dtype)  # (N, d_in)
     x_hat, f = sae(x)  # (N, d_in), (N, d_sae)
     acc.add_reconstruction(x, x_hat, f)

@@ -27,6 +27,7 @@ RPCS = (
     "StreamGenerateSteered",
     "SearchFeaturesByContrast",
     "GetFeature",
+    "AttributeFeatures",
 )
 Metadata = tuple[tuple[str, str], ...]
 

@@ -18,6 +18,7 @@ and response budgets.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -149,7 +150,7 @@ CORRUPT = b"\xff\xff\xff\xff"  # field number 0 / a varint that never ends
 
 # ---- the classes ---------------------------------------------------------------------------------
 def cases(ctx: Context) -> list[Case]:
-    """Every bad-input class, in RPC order (GetInfo, Tokenize, …, GetFeature)."""
+    """Every bad-input class, in RPC order (GetInfo, Tokenize, …, GetFeature, AttributeFeatures)."""
     L = ctx.limits
     md, strict = ctx.metadata, ctx.strict_metadata
     app_only = ((k, v) for k, v in strict if k == "application")
@@ -587,6 +588,35 @@ def cases(ctx: Context) -> list[Case]:
         NF,
         "interventions[0].feature",
     )
+    cond = "interventions[0].condition"
+    add(
+        R,
+        "condition with neither feature nor direction",
+        lambda: gen(interventions=[_cond(pb.Condition(threshold=1.0))]),
+        IA,
+        cond,
+    )
+    add(
+        R,
+        "condition feature = d_sae",
+        lambda: gen(interventions=[_cond(pb.Condition(feature=d_sae))]),
+        NF,
+        f"{cond}.feature",
+    )
+    add(
+        R,
+        "condition direction of 2 floats",
+        lambda: gen(interventions=[_cond(pb.Condition(direction=_dense([1.0, 2.0])))]),
+        IA,
+        f"{cond}.direction",
+    )
+    add(
+        R,
+        "condition threshold NaN",
+        lambda: gen(interventions=[_cond(pb.Condition(feature=1, threshold=float("nan")))]),
+        IA,
+        f"{cond}.threshold",
+    )
     add(
         R,
         "chat with no messages",
@@ -693,6 +723,7 @@ def cases(ctx: Context) -> list[Case]:
         metadata=strict,
     )
     add(R, "malformed protobuf: truncated length", lambda: TRUNCATED, IA, "request")
+    add(R, "order_by 9 (unknown enum)", lambda: contrast(order_by=9), IA, "order_by")
 
     # ---- GetFeature ----
     R = "GetFeature"
@@ -743,4 +774,43 @@ def cases(ctx: Context) -> list[Case]:
     )
     add(R, "malformed protobuf: corrupt", lambda: CORRUPT, IA, "request")
     add(R, "sae_id not UTF-8 (raw)", lambda: field_bytes(1, b"\xed\xa0\x80"), IA, "request")
+
+    # ---- AttributeFeatures ----
+    R = "AttributeFeatures"
+    add(R, "no prompt", pb.AttributeFeaturesRequest, IA, "prompt")
+    add(R, "target_token -1", lambda: attr(target_token=-1), IA, "target_token")
+    add(R, "target_token 2^31-1", lambda: attr(target_token=2**31 - 1), IA, "target_token")
+    add(R, "target_text of two tokens", lambda: attr(target_text="Hello world"), IA, "target_text")
+    add(
+        R,
+        "target_text of 10,000 characters",
+        lambda: attr(target_text="x" * 10_000),
+        IA,
+        "target_text",
+    )
+    add(
+        R,
+        "target_token and target_text",
+        lambda: attr(target_token=1, target_text="a"),
+        IA,
+        "target_token",
+    )
+    add(R, "top_n -1", lambda: attr(top_n=-1), IA, "top_n")
+    add(R, "top_n over max_top_k", lambda: attr(top_n=L.max_top_k + 1), OOR, "top_n")
+    add(R, "unknown sae_id", lambda: attr(sae_id="no-such-sae"), NF, "sae_id")
+    add(R, "prompt one token over the limit", lambda: attr(prompt=text(over)), OOR, "prompt")
+    add(R, "malformed protobuf: corrupt", lambda: CORRUPT, IA, "request")
     return out
+
+
+def attr(**kw: Any) -> pb.AttributeFeaturesRequest:
+    return pb.AttributeFeaturesRequest(**{"prompt": text("Hello world"), **kw})
+
+
+def _cond(condition: pb.Condition) -> pb.Intervention:
+    """An add edit of feature 1 under ``condition``."""
+    return pb.Intervention(feature=1, mode=Iv.MODE_ADD, value=1.0, condition=condition)
+
+
+def _dense(values: list[float]) -> pb.DenseTensor:
+    return pb.DenseTensor(shape=[len(values)], data=struct.pack(f"<{len(values)}f", *values))

@@ -1,7 +1,7 @@
 """Random requests for the reliability probe: a seeded generator over every message field.
 
 No property-testing library: the probe wants a fixed number of requests, reproducible from a
-seed, spread over all seven RPCs. Every field has a pool of valid values and a pool of values
+seed, spread over all eight RPCs. Every field has a pool of valid values and a pool of values
 that break services — one past the configured limits, -1, ±2^31, NaN, ±inf, 1e-38 and 1e38
 floats, unknown enum numbers, empty, long, template-looking and control-character strings, odd
 chat roles, unset oneofs, ids past ``d_sae``. A third of the requests are clean (every field
@@ -37,6 +37,7 @@ WEIGHTS = {
     "StreamGenerateSteered": 14,
     "SearchFeaturesByContrast": 14,
     "GetFeature": 16,
+    "AttributeFeatures": 10,
 }
 CLEAN_SHARE = 1 / 3  # requests with every field valid
 DIRT = 0.25  # in the others: the chance that a field is bad
@@ -93,6 +94,7 @@ class Fuzzer:
             "StreamGenerateSteered": self.generate,
             "SearchFeaturesByContrast": self.contrast,
             "GetFeature": self.get_feature,
+            "AttributeFeatures": self.attribute,
         }
 
     def next(self) -> FuzzRequest:
@@ -177,12 +179,17 @@ class Fuzzer:
         )
 
     def intervention(self, feature: int) -> pb.Intervention:
-        return pb.Intervention(
+        edit = pb.Intervention(
             feature=feature,
             mode=self.enum(range(1, 5), 5),  # type: ignore[arg-type]
             value=self.flt((0.0, 1.0, 5.0, -3.0, 100.0, 1e4)),
             scope=self.enum(range(3), 3),  # type: ignore[arg-type]
         )
+        if self.rng.random() < 0.2:  # conditional: on a feature (or, badly, on neither)
+            edit.condition.threshold = self.flt((0.0, 0.5, 2.0, -1.0))
+            if self.rng.random() >= self.dirt / 2:
+                edit.condition.feature = self.feature_id()
+        return edit
 
     def sampling(self) -> pb.SamplingParams:
         r, L = self.rng, self.limits
@@ -230,7 +237,21 @@ class Fuzzer:
             aggregation=self.enum((0, 1, 2), 4),  # type: ignore[arg-type]
             top_n=self.count(L.max_top_k),
             locations_per_hit=self.count(L.max_top_k),
+            order_by=self.enum((0, 1, 2), 3),  # type: ignore[arg-type]
+            include_output_scores=self.rng.random() < 0.2,
         )
+
+    def attribute(self) -> pb.AttributeFeaturesRequest:
+        r, L = self.rng, self.limits
+        req = pb.AttributeFeaturesRequest(sae_id=self.sae_id(), top_n=self.count(L.max_top_k))
+        if r.random() >= self.dirt / 5:
+            req.prompt.CopyFrom(self.prompt())
+        target = r.random()
+        if target < 0.3:
+            req.target_token = self.pick((0, 1, 5, 42), BAD_INTS)
+        elif target < 0.5:
+            req.target_text = self.pick((" the", ".", "a"), ("", "two words", "x" * 500))
+        return req
 
     def get_feature(self) -> pb.GetFeatureRequest:
         L = self.limits

@@ -6,7 +6,7 @@ second app beside it, ``saescope-probe-strict`` (an API key, one request at a ti
 queued, small per-call token and response budgets). Then, over gRPC like any client:
 
 1. **bad-input classes** (``reliability_cases``): over a hundred hand-made requests across all
-   seven RPCs, each with the status code the API promises; per class the code got, whether the
+   eight RPCs, each with the status code the API promises; per class the code got, whether the
    details name the field or limit, and whether they leak internals (``reliability_calls``);
 2. **fuzz** (``reliability_fuzz``): N random requests from a seeded generator over every field,
    a tenth of them mutated bytes, four at a time; codes counted; INTERNAL or UNKNOWN is a
@@ -343,6 +343,7 @@ def after_recovery_calls(ctx: Context) -> dict[str, pb.GenerateSteeredRequest | 
             negative=[text("The cat sat"), text("A dog barked")],
         ),
         "GetFeature": pb.GetFeatureRequest(feature=1),
+        "AttributeFeatures": pb.AttributeFeaturesRequest(prompt=text("The cat sat on the")),
     }
 
 

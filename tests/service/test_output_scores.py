@@ -11,7 +11,7 @@ import torch
 from saescope.service import types as t
 from saescope.service.engine import Engine
 from saescope.service.errors import InvalidArgument
-from saescope.service.output_scores import LENS_TOKENS, MAX_PROMPTS, STRENGTH
+from saescope.service.output_scores import LENS_TOKENS, MAX_PROMPTS, STRENGTH, output_scores
 from tests.service.engine_fixtures import tiny_engine
 
 POSITIVE = [
@@ -107,3 +107,30 @@ def test_order_by_is_validated(engine: Engine) -> None:
     with pytest.raises(InvalidArgument) as e:
         engine.contrast(request(order_by="popularity"))  # type: ignore[arg-type]
     assert e.value.field == "order_by"
+
+
+def test_scoring_never_touches_a_forward_it_does_not_hold_the_lock_for(engine: Engine) -> None:
+    """While another thread holds the model (as the decode batcher does for a step), output
+    scoring waits for the lock before it hooks the shared model: the holder's forward is the
+    plain model's, bit for bit (the reliability probe's fuzz once caught a generation failing
+    with a shape mismatch from a concurrent contrast's hook)."""
+    import threading
+    import time
+
+    ls = engine.rt.saes["main"]
+    prompt = t.Prompt("Hi there")
+    ids = [x.id for x in engine.tokenize(t.TokenizeRequest(prompt)).tokens]
+    with torch.inference_mode():
+        plain = engine.rt.model(torch.tensor([ids])).logits
+    scores: list[float] = []
+    worker = threading.Thread(
+        target=lambda: scores.extend(output_scores(engine.rt, ls, [ids], [3, 4], [1.0, 1.0]))
+    )
+    with engine.rt.lock:  # the "decode step"
+        worker.start()
+        time.sleep(1.0)  # scoring has reached the lock and waits
+        with torch.inference_mode():
+            during = engine.rt.model(torch.tensor([ids])).logits
+    worker.join(timeout=60)
+    assert len(scores) == 2
+    assert torch.equal(during, plain)

@@ -77,10 +77,13 @@ def _next_token_probs(rt: ModelRuntime, hookpoint: str, ids: list[int], added: T
         return models.with_hidden(out, h + delta.to(h.dtype))
 
     batch = torch.tensor([ids], device=rt.device).expand(rows, -1)
-    handle = rt.model.get_submodule(hookpoint).register_forward_hook(hook)
-    try:
-        with rt.lock:
+    # The hook goes on the shared model only while this thread holds the lock: installed
+    # before, it would edit the decode batcher's forward too (the reliability probe's fuzz
+    # caught exactly that: INTERNAL, a shape mismatch in a concurrent generation).
+    with rt.lock:
+        handle = rt.model.get_submodule(hookpoint).register_forward_hook(hook)
+        try:
             logits = rt.model(batch).logits[:, -1]
-    finally:
-        handle.remove()
+        finally:
+            handle.remove()
     return logits.float().softmax(-1)

@@ -132,7 +132,8 @@ def test_cli_trains_a_checkpoint_sae_lens_loads(
     theirs = sae_lens.SAE.load_from_disk(str(out / "final"), device="cpu")
     x = torch.randn(16, ours.cfg.d_in) * 3
     assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
-    assert theirs.cfg.metadata.hook_name == meta["hookpoint"]
+    layer = meta["hookpoint"].rsplit(".", 1)[1]
+    assert theirs.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
 
     assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume
     assert "finished run" in capsys.readouterr().err

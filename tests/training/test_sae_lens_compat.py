@@ -71,7 +71,8 @@ def test_sae_lens_reads_our_metadata(tmp_path: Path, architecture: str) -> None:
     theirs = sae_lens.SAE.load_from_disk(str(write(tmp_path / "ck", architecture)))
     cfg = theirs.cfg
     assert (cfg.d_in, cfg.d_sae) == (D_IN, D_SAE)
-    assert cfg.metadata.hook_name == HOOK and cfg.metadata.model_name == MODEL
+    assert cfg.metadata.hook_name == "blocks.15.hook_resid_post"  # TransformerLens's name
+    assert cfg.metadata.hf_hook_name == HOOK and cfg.metadata.model_name == MODEL  # type: ignore[attr-defined]
     assert cfg.metadata.context_size == 128
     assert cfg.normalize_activations == "none"  # the scale is folded into the weights
     if architecture == "topk":

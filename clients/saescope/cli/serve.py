@@ -68,7 +68,10 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="ID=PATH",
-        help="an SAE checkpoint to serve as ID (repeatable; replaces the config's SAEs)",
+        help=(
+            "an SAE to serve as ID: a saescope checkpoint, or a SAELens or sparsify folder "
+            "(repeatable; replaces the config's SAEs)"
+        ),
     )
     p.add_argument("--num-gpus", type=float, help="GPUs per replica (default 0)")
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port")

@@ -76,7 +76,7 @@ class SaeInfo(_Result):
     d_sae: int
     """Number of features."""
     architecture: str
-    """``"relu"`` or ``"topk"``."""
+    """``"relu"``, ``"topk"``, ``"batchtopk"``, ``"jumprelu"`` or ``"matryoshka"``."""
     k: int
     """Active features per token (topk only; 0 otherwise)."""
     metrics: dict[str, float]
@@ -84,6 +84,8 @@ class SaeInfo(_Result):
     tokens_seen: int
     has_catalog: bool = False
     """Whether ``feature()`` returns top activating examples."""
+    origin: str = "saescope"
+    """Which library wrote the SAE: ``"saescope"``, ``"saelens"`` or ``"sparsify"``."""
 
 
 @dataclass(frozen=True)

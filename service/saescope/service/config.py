@@ -40,7 +40,7 @@ class SaeSpec(_Strict):
     sae_id: str
     """The name callers use for it (letters, digits, ``.``, ``_``, ``-``)."""
     path: str
-    """A saescope checkpoint directory; ``~`` and ``$VARS`` are expanded."""
+    """A saescope checkpoint, or a SAELens or sparsify folder; ``~`` and ``$VARS`` are expanded."""
 
     @field_validator("sae_id")
     @classmethod

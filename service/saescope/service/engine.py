@@ -105,7 +105,8 @@ class Engine(EngineClient):
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
         )
         device_ = next(lm.parameters()).device
-        loaded = load_saes(lm, saes, device=device_)
+        model_name = models.DEFAULT_MODEL_NAME if model == models.DEFAULT_MODEL else model
+        loaded = load_saes(lm, saes, device=device_, model_name=model_name)
         if default_sae_id is None:
             default_sae_id = next(iter(loaded), "")
         elif default_sae_id not in loaded:
@@ -113,7 +114,7 @@ class Engine(EngineClient):
         self.rt = ModelRuntime(
             model=lm,
             tokenizer=tokenizer,
-            model_name=models.DEFAULT_MODEL_NAME if model == models.DEFAULT_MODEL else model,
+            model_name=model_name,
             device=device_,
             dtype=DTYPES[dtype],
             saes=loaded,

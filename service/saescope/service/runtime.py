@@ -21,6 +21,7 @@ is off by default and ``on_sae_encode`` is then never called on GPU.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 import time
@@ -34,8 +35,10 @@ from torch import Tensor
 
 from saescope.service.errors import InvalidArgument, NotFound
 from saescope.service.types import SaeInfo
-from saescope.training import checkpoint, models, positions
+from saescope.training import checkpoint, foreign, models, positions
 from saescope.training.sae import SAE
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -158,6 +161,7 @@ class LoadedSae:
             },
             tokens_seen=int(tokens or 0),
             has_catalog=False,
+            origin=str(self.meta.get("origin", "saescope")),
         )
 
     def check_feature(self, feature: int, field: str) -> None:
@@ -268,9 +272,18 @@ class _TimedSae:
 
 
 def load_saes(
-    model: Any, paths: dict[str, str | Path], *, device: torch.device
+    model: Any,
+    paths: dict[str, str | Path],
+    *,
+    device: torch.device,
+    model_name: str | None = None,
 ) -> dict[str, LoadedSae]:
-    """Load every SAE checkpoint, checking it fits the model; errors name the sae_id.
+    """Load every SAE, checking it fits the model; errors name the sae_id.
+
+    A folder is a saescope checkpoint (``saescope.json``: hash-checked, its metadata names the
+    hookpoint) or a SAELens or sparsify folder served as it is (``saescope.training.foreign``:
+    its hook name is mapped to the model's block; a recorded model id that does not look like
+    ``model_name`` is warned about, not refused — the same model has many names).
 
     SAEs stay in float32 whatever the model's dtype. Cast to bfloat16, the default SAE's
     features differ from float32's by 0.27% of their norm (median; p99 0.5%) and 0.2% of the
@@ -284,18 +297,14 @@ def load_saes(
         if not sae_id:
             raise ValueError("saes: an sae_id must not be empty")
         try:
-            sae, meta = checkpoint.load_sae(Path(path), device=device, dtype=torch.float32)
-        except checkpoint.CheckpointError as e:
+            sae, meta, hookpoint = _load_one(model, Path(path), device, model_name)
+        except ValueError as e:  # CheckpointError, ForeignSaeError, a hookpoint's ValueError
             raise ValueError(f"saes[{sae_id!r}]: {e}") from e
         if sae.cfg.d_in != d_model:
             raise ValueError(
                 f"saes[{sae_id!r}]: d_in = {sae.cfg.d_in} does not match the model's "
                 f"hidden size {d_model}"
             )
-        try:
-            hookpoint = models.resolve_hookpoint(model, meta["hookpoint"])
-        except ValueError as e:
-            raise ValueError(f"saes[{sae_id!r}]: {e}") from e
         out[sae_id] = LoadedSae(
             sae_id=sae_id,
             sae=sae,
@@ -305,6 +314,25 @@ def load_saes(
             log_density=_load_log_density(Path(path), sae.cfg.d_sae),
         )
     return out
+
+
+def _load_one(
+    model: Any, path: Path, device: torch.device, model_name: str | None
+) -> tuple[SAE, dict[str, Any], str]:
+    """One SAE folder of any origin: the SAE, its metadata (with ``origin``), its hookpoint."""
+    if foreign.origin_of(path) in ("saelens", "sparsify"):
+        sae, meta = foreign.load_foreign(path, device=device)
+        hookpoint = foreign.map_hookpoint(model, meta["hookpoint"])
+        if model_name is not None and not foreign.same_model(meta.get("model"), model_name):
+            log.warning(
+                "%s: cfg.json names model %r, but %r is served; its features may mean nothing",
+                path,
+                meta["model"],
+                model_name,
+            )
+        return sae, meta, hookpoint
+    sae, meta = checkpoint.load_sae(path, device=device, dtype=torch.float32)
+    return sae, {"origin": "saescope", **meta}, models.resolve_hookpoint(model, meta["hookpoint"])
 
 
 def _load_log_density(path: Path, d_sae: int) -> Tensor | None:

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory::
 
-    cfg.json                  SAELens config (architecture, d_in, d_sae, metadata: model, hook)
+    cfg.json                  SAELens config (architecture, d_in, d_sae, metadata: model, hook
+                              as TransformerLens names it and as ``hf_hook_name``)
     sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec (+ threshold: jumprelu, batchtopk,
                               matryoshka) — the exported SAE, in model units
     sparsity.safetensors      "sparsity": log10 feature density over the last window (optional)
@@ -116,7 +117,9 @@ def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) ->
             "sae_lens_version": SAE_LENS_VERSION,
             "sae_lens_training_version": None,
             "model_name": meta["model"],
-            "hook_name": meta["hookpoint"],
+            # TransformerLens's name (HookedSAETransformer attaches by it) and the module's
+            "hook_name": tl_hook_name(meta["hookpoint"]),
+            "hf_hook_name": meta["hookpoint"],
             "hook_head_index": None,
             "prepend_bos": bool(meta.get("prepend_bos", False)),
             "context_size": meta.get("context_size"),
@@ -124,6 +127,12 @@ def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) ->
             "trained_with": "saescope",
         },
     }
+
+
+def tl_hook_name(hookpoint: str) -> str:
+    """``blocks.N.hook_resid_post`` for a block output ``….N`` (else the name as it is)."""
+    idx = hookpoint.rpartition(".")[2]
+    return f"blocks.{idx}.hook_resid_post" if idx.isdigit() else hookpoint
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -138,7 +147,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         if (path / "cfg.json").is_file():  # SAELens's (and sparsify's) folders start with it
             raise CheckpointError(
                 f"checkpoint: {path} has a cfg.json but no {META_FILE}: a SAELens or sparsify "
-                "SAE; saescope serves only checkpoints written by `saescope train` so far"
+                "SAE; `saescope serve` serves it as it is, but this needs a checkpoint written "
+                "by `saescope train`"
             ) from e
         raise CheckpointError(f"checkpoint: {path} has no {META_FILE} (incomplete?)") from e
     except json.JSONDecodeError as e:

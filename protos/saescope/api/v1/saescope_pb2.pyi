@@ -307,6 +307,7 @@ class SaeInfo(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     TOKENS_SEEN_FIELD_NUMBER: _builtins.int
     HAS_CATALOG_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     hookpoint: _builtins.str
     """Module whose output the SAE reads, e.g. "model.layers.15" (residual stream after block 15)."""
@@ -314,12 +315,16 @@ class SaeInfo(_message.Message):
     d_in: _builtins.int
     d_sae: _builtins.int
     architecture: _builtins.str
-    """"relu" or "topk"."""
+    """"relu", "topk", "batchtopk", "jumprelu" or "matryoshka"."""
     k: _builtins.int
     """Active features per token (topk only; 0 otherwise)."""
     tokens_seen: _builtins.int
     has_catalog: _builtins.bool
     """Whether GetFeature can return top activating examples for this SAE."""
+    origin: _builtins.str
+    """Which library wrote the SAE's folder: "saescope", "saelens" or "sparsify". Third-party SAEs
+    are served as they are; "architecture" then names the registry kind that computes them.
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Training and evaluation metrics recorded with the checkpoint (L0, FVU, dead fraction, ...)."""
@@ -337,10 +342,11 @@ class SaeInfo(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         tokens_seen: _builtins.int = ...,
         has_catalog: _builtins.bool = ...,
+        origin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "has_catalog", b"has_catalog", "hookpoint", b"hookpoint", "k", b"k", "layer", b"layer", "metrics", b"metrics", "sae_id", b"sae_id", "tokens_seen", b"tokens_seen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "has_catalog", b"has_catalog", "hookpoint", b"hookpoint", "k", b"k", "layer", b"layer", "metrics", b"metrics", "origin", b"origin", "sae_id", b"sae_id", "tokens_seen", b"tokens_seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,7 +34,7 @@ NAME = "train_speed"
 TARGET_RATIO = 1.5
 WARMUP_STEPS = 2
 SCALE_BATCHES = 2  # the scale estimate's batches (untimed; a speed run needs few)
-ARCHS: tuple[Arch, ...] = ("relu", "topk")
+ARCHS: tuple[Arch, ...] = ("relu", "topk", "batchtopk", "jumprelu")
 
 
 # Dense N×d_in×d_sae matmuls per step, by (architecture, trainer); see the module docstring.
@@ -43,6 +43,12 @@ DENSE_MATMULS = {
     ("relu", "SAELens"): 5,
     ("topk", "saescope"): 1,
     ("topk", "SAELens"): 6,
+    # autograd through the reference math: encoder, dense decoder, ∂W_dec, ∂f, ∂W_enc
+    ("batchtopk", "saescope"): 5,
+    ("jumprelu", "saescope"): 5,
+    # as its topk: b_dec is subtracted from the input, so autograd also computes ∂x
+    ("batchtopk", "SAELens"): 6,
+    ("jumprelu", "SAELens"): 6,
 }
 
 

@@ -8,7 +8,11 @@ default). SAELens 6.54 is configured to match saescope's architectures:
 - ``relu``: ``StandardTrainingSAE`` without the pre-encoder bias (``apply_b_dec_to_input=False``,
   the paper's), L1 weighted by decoder norms (its default), decoder rows initialised at norm 0.1;
 - ``topk``: ``TopKTrainingSAE`` with the same ``k`` (its defaults otherwise: b_dec subtracted
-  before the encoder, activations rescaled by decoder norms, AuxK).
+  before the encoder, activations rescaled by decoder norms, AuxK);
+- ``batchtopk``: ``BatchTopKTrainingSAE`` with the same ``k`` (the k·N largest of the batch;
+  AuxK; its inference threshold estimated while training);
+- ``jumprelu``: ``JumpReLUTrainingSAE`` with the same L0 coefficient, bandwidth and starting
+  threshold as saescope's defaults (SAELens's own: 0.05, 0.01), its "step" L0 loss.
 
 SAELens normalises so that E‖x‖ = √d_in, saescope so that E‖x‖² = d_in: the same λ means very
 nearly the same thing in both. Each returns an SAE that reads model units, for evaluation.
@@ -34,7 +38,8 @@ from bench.train_data import Batches
 if TYPE_CHECKING:
     from saescope.training.trainer import Trainer
 
-Arch = Literal["relu", "topk"]
+Arch = Literal["relu", "topk", "batchtopk", "jumprelu"]
+TAKES_K = ("topk", "batchtopk")
 SCALE_BATCHES = 8
 
 
@@ -89,7 +94,7 @@ def saescope_trainer(spec: Spec) -> Trainer:
         scale_batches=spec.scale_batches,
         seed=spec.seed,
     )
-    k = spec.k if spec.arch == "topk" else None
+    k = spec.k if spec.arch in TAKES_K else None
     sae = SAE(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
     sae.init_weights(torch.Generator().manual_seed(spec.seed))
     return Trainer(sae.to(spec.device), cfg, total_steps=spec.steps)
@@ -114,6 +119,8 @@ def train_saescope(spec: Spec, x: Tensor) -> Run:
 def train_saelens(spec: Spec, x: Tensor) -> Run:
     os.environ.setdefault("WANDB_MODE", "disabled")
     from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import TrainingSAE
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -139,7 +146,7 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
                 l1_warm_up_steps=warmup,
             )
         )
-    else:
+    elif spec.arch == "topk":
         sae = TopKTrainingSAE(
             TopKTrainingSAEConfig(
                 d_in=spec.d_in,
@@ -147,6 +154,27 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
                 k=spec.k,
                 normalize_activations="expected_average_only_in",
                 device=spec.device,
+            )
+        )
+    elif spec.arch == "batchtopk":
+        sae = BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(
+                d_in=spec.d_in,
+                d_sae=spec.d_sae,
+                k=spec.k,
+                normalize_activations="expected_average_only_in",
+                device=spec.device,
+            )
+        )
+    else:
+        sae = JumpReLUTrainingSAE(
+            JumpReLUTrainingSAEConfig(
+                d_in=spec.d_in,
+                d_sae=spec.d_sae,
+                normalize_activations="expected_average_only_in",
+                device=spec.device,
+                l0_coefficient=1.0,
+                l0_warm_up_steps=warmup,
             )
         )
     cfg = SAETrainerConfig(

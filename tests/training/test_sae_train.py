@@ -1,6 +1,7 @@
 """The hand-written training pass (``sae_train``) against autograd through ``sae.py``'s math.
 
-Losses, statistics and every parameter gradient must agree, in float64, for relu and topk, with
+Losses, statistics and every parameter gradient must agree, in float64, for relu, topk and
+batchtopk, with
 the buffers reused across calls; AuxK's gradients (over the dead columns only) must agree with
 autograd through the dense formula.
 """
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from saescope.training.architectures import batch_topk
 from saescope.training.sae import SAE, SAEConfig
 from saescope.training.sae_train import Buffers, training_pass
 
@@ -18,7 +20,8 @@ D_IN, D_SAE, K, N = 12, 40, 4, 33
 
 
 def make_sae(architecture: str, seed: int = 0) -> SAE:
-    sae = SAE(SAEConfig(D_IN, D_SAE, architecture, K if architecture == "topk" else None))  # type: ignore[arg-type]
+    k = K if architecture in ("topk", "batchtopk") else None
+    sae = SAE(SAEConfig(D_IN, D_SAE, architecture, k))  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g))
@@ -40,13 +43,15 @@ def grads(sae: SAE) -> dict[str, Tensor]:
     return out
 
 
-@pytest.mark.parametrize("architecture", ["relu", "topk"])
+@pytest.mark.parametrize("architecture", ["relu", "topk", "batchtopk"])
 def test_losses_counts_and_gradients_equal_autograd(architecture: str) -> None:
     sae, buffers, lam = make_sae(architecture), Buffers(), 0.7
     for seed in range(3):  # the same buffers every time, as in training
         x = batch(seed)
         # reference: autograd through the module's own math
-        f = sae.activate(sae.encode_pre(x))
+        pre = sae.encode_pre(x)
+        # batchtopk trains on the batch's k·N largest (its inference threshold comes later)
+        f = batch_topk(pre, K) if architecture == "batchtopk" else sae.activate(pre)
         x_hat = sae.decode(f)
         mse = (x - x_hat).pow(2).sum(-1).mean()
         sparsity = sae.sparsity_penalty(f).mean()
@@ -65,7 +70,7 @@ def test_losses_counts_and_gradients_equal_autograd(architecture: str) -> None:
         assert set(got) == {"W_enc", "b_enc", "W_dec", "b_dec"}
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
-    if architecture == "topk":
+    if architecture != "relu":
         assert p.pre is not None
         torch.testing.assert_close(p.pre, sae.encode_pre(x).detach())
 

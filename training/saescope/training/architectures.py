@@ -46,7 +46,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
-from saescope.training.sae_train import Buffers, TrainingPass, _ReluPass, _TopKPass
+from saescope.training.sae_train import (
+    Buffers,
+    TrainingPass,
+    _ReluPass,
+    _TopKPass,
+    batch_topk_pass,
+)
 
 if TYPE_CHECKING:
     from saescope.training.config import TrainSection
@@ -254,7 +260,7 @@ class BatchTopKOptions(BaseModel):
 
 
 class BatchTopK(Architecture):
-    """Bussmann et al. 2024; autograd (a hand-written pass would look like topk's)."""
+    """Bussmann et al. 2024; hand-written pass (``sae_train._BatchTopKPass``) and AuxK."""
 
     name = "batchtopk"
     sae_lens_architecture = "jumprelu"  # SAELens saves its BatchTopK SAEs as JumpReLU ones
@@ -273,18 +279,23 @@ class BatchTopK(Architecture):
         return batch_topk(pre, sae.cfg.k)
 
     def forward_pass(self, sae: SAE, x: Tensor, buffers: Buffers) -> TrainingPass:
-        pre = sae.encode_pre(x)
-        f = self.select(sae, pre)
-        self.update_threshold(sae, f.detach())
-        return self.autograd_pass(sae, x, f, pre.detach())
+        p, smallest = batch_topk_pass(sae, x, buffers)
+        self.move_threshold(sae, smallest)
+        return p
 
     @torch.no_grad()
     def update_threshold(self, sae: SAE, f: Tensor) -> None:
         """Move the inference threshold towards this batch's smallest kept activation."""
         kept = f[f > 0]
-        if kept.numel() == 0:
+        if kept.numel() > 0:
+            self.move_threshold(sae, kept.min())
+
+    @torch.no_grad()
+    def move_threshold(self, sae: SAE, low: Tensor) -> None:
+        """The threshold's running mean takes ``low``, a batch's smallest kept activation (a
+        batch with none kept, ``low`` 0, leaves it)."""
+        if not bool(low > 0):
             return
-        low = kept.min()
         rate = float(sae.cfg.options["threshold_rate"])
         started = bool((sae.threshold > 0).any())  # the first batch sets it outright
         target = low.expand_as(sae.threshold)

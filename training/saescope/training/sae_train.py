@@ -176,6 +176,73 @@ class _TopKPass(torch.autograd.Function):
         return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
 
 
+class _BatchTopKPass(torch.autograd.Function):
+    """batchtopk: ``(mse, sparsity, x̂, counts, pre, smallest kept)``; as topk's pass, with the
+    ``k·N`` active entries chosen over the whole batch, so a token has any number of them: the
+    active entries travel as coordinates ``(token, feature)`` rather than ``(N, k)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        k: int,
+        pre_buf: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        n, d_sae = len(x), W_enc.shape[1]
+        pre = torch.addmm(b_enc - b_dec @ W_enc, x, W_enc, out=pre_buf)  # (N, d_sae)
+        top = pre.view(-1).topk(min(k * n, pre.numel()), sorted=False)
+        vals = top.values.relu()  # (m,)
+        tokens, feats = top.indices // d_sae, top.indices % d_sae  # (m,) each
+        f = torch.sparse_coo_tensor(
+            torch.stack([tokens, feats]), vals, (n, d_sae), check_invariants=False
+        )
+        x_hat = torch.sparse.mm(f, W_dec) + b_dec  # (N, d_in)
+        err = x_hat - x
+        mse = err.pow(2).sum() / n
+        sparsity = (vals * W_dec.norm(dim=1)[feats]).sum() / n
+        active = vals > 0
+        counts = torch.bincount(feats[active], minlength=d_sae).to(x.dtype)  # (d_sae,)
+        smallest = vals[active].min() if bool(active.any()) else vals.new_zeros(())
+        ctx.save_for_backward(x, tokens, feats, vals, W_enc, W_dec, b_dec, err)
+        ctx.mark_non_differentiable(sparsity, x_hat, counts, pre, smallest)
+        return mse, sparsity, x_hat, counts, pre, smallest
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_mse: Tensor, *_: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, tokens, feats, vals, W_enc, W_dec, b_dec, err = ctx.saved_tensors
+        n, d_sae = len(x), W_enc.shape[1]
+        d_xhat = err * (2 * g_mse / n)  # (N, d_in)
+        g_W_dec = torch.sparse.mm(_sparse_t(feats, tokens, vals, (d_sae, n)), d_xhat)
+        # ∂f at the active entries only: ∂x̂_token · W_dec,feature, a chunk at a time
+        g_vals = torch.empty_like(vals)  # (m,)
+        step = GATHER_CHUNK * 32
+        for s in range(0, len(vals), step):
+            rows, cols = tokens[s : s + step], feats[s : s + step]
+            g_vals[s : s + step] = (W_dec[cols] * d_xhat[rows]).sum(-1)
+        g_pre = g_vals * (vals > 0)  # through the ReLU
+        g_b_enc = torch.zeros(d_sae, dtype=x.dtype, device=x.device).index_add_(0, feats, g_pre)
+        g_W_enc = torch.sparse.mm(_sparse_t(feats, tokens, g_pre, (d_sae, n)), x).T
+        g_W_enc = g_W_enc - torch.outer(b_dec, g_b_enc)  # pre = x·W_enc + b_enc − b_dec·W_enc
+        g_b_dec = d_xhat.sum(0) - W_enc @ g_b_enc
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
+
+
+def batch_topk_pass(sae: SAE, x: Tensor, buffers: Buffers) -> tuple[TrainingPass, Tensor]:
+    """batchtopk's hand-written pass, and the batch's smallest kept activation (0-d)."""
+    assert sae.cfg.k is not None
+    pre_buf = buffers.get("pre", x, len(x), sae.cfg.d_sae)
+    mse, sparsity, x_hat, counts, pre, smallest = _BatchTopKPass.apply(
+        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k, pre_buf
+    )
+    return TrainingPass(mse, sparsity, x_hat, counts, pre), smallest
+
+
 def _sparse_t(features: Tensor, tokens: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     """``(d_sae, N)`` COO matrix with ``values (N, k)`` at (feature, token); no duplicates."""
     return torch.sparse_coo_tensor(

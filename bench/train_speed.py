@@ -43,8 +43,9 @@ DENSE_MATMULS = {
     ("relu", "SAELens"): 5,
     ("topk", "saescope"): 1,
     ("topk", "SAELens"): 6,
-    # autograd through the reference math: encoder, dense decoder, ∂W_dec, ∂f, ∂W_enc
-    ("batchtopk", "saescope"): 5,
+    # batchtopk: hand-written like topk (only the encoder is dense);
+    # jumprelu: autograd through the reference math: encoder, decoder, ∂W_dec, ∂f, ∂W_enc
+    ("batchtopk", "saescope"): 1,
     ("jumprelu", "saescope"): 5,
     # as its topk: b_dec is subtracted from the input, so autograd also computes ∂x
     ("batchtopk", "SAELens"): 6,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from saescope.training.architectures import batch_topk
 from saescope.training.sae import SAE, SAEConfig
-from saescope.training.sae_train import Buffers, training_pass
+from saescope.training.sae_train import Buffers, batch_top, training_pass
 
 D_IN, D_SAE, K, N = 12, 40, 4, 33
 
@@ -108,3 +108,18 @@ def test_aux_k_gradients_over_dead_columns_equal_the_dense_formula() -> None:
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
     # only the dead features' encoder columns move
     assert torch.all(got["W_enc"][:, ~dead] == 0) and torch.any(got["W_enc"][:, dead] != 0)
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_batch_top_equals_a_flat_topk(crowded: bool) -> None:
+    """``batch_top`` finds exactly the flat top-m entries: from each row's candidates, or, when
+    one row holds more of them than its candidates (``crowded``), by the flat search."""
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(64, 200, generator=g)
+    if crowded:
+        pre[5] += 10.0  # row 5 holds all of the top 128: far more than its 8 candidates
+    values, rows, cols = batch_top(pre, 128)
+    flat = pre.reshape(-1).topk(128)
+    assert sorted((rows * 200 + cols).tolist()) == sorted(flat.indices.tolist())
+    torch.testing.assert_close(values, pre[rows, cols])
+    assert bool((rows == 5).all()) == crowded

@@ -194,9 +194,8 @@ class _BatchTopKPass(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         n, d_sae = len(x), W_enc.shape[1]
         pre = torch.addmm(b_enc - b_dec @ W_enc, x, W_enc, out=pre_buf)  # (N, d_sae)
-        top = pre.view(-1).topk(min(k * n, pre.numel()), sorted=False)
-        vals = top.values.relu()  # (m,)
-        tokens, feats = top.indices // d_sae, top.indices % d_sae  # (m,) each
+        values, tokens, feats = batch_top(pre, min(k * n, pre.numel()))
+        vals = values.relu()  # (m,)
         f = torch.sparse_coo_tensor(
             torch.stack([tokens, feats]), vals, (n, d_sae), check_invariants=False
         )
@@ -219,18 +218,34 @@ class _BatchTopKPass(torch.autograd.Function):
         n, d_sae = len(x), W_enc.shape[1]
         d_xhat = err * (2 * g_mse / n)  # (N, d_in)
         g_W_dec = torch.sparse.mm(_sparse_t(feats, tokens, vals, (d_sae, n)), d_xhat)
-        # ∂f at the active entries only: ∂x̂_token · W_dec,feature, a chunk at a time
-        g_vals = torch.empty_like(vals)  # (m,)
-        step = GATHER_CHUNK * 32
-        for s in range(0, len(vals), step):
-            rows, cols = tokens[s : s + step], feats[s : s + step]
-            g_vals[s : s + step] = (W_dec[cols] * d_xhat[rows]).sum(-1)
+        # ∂f at the active entries: ∂x̂ · W_decᵀ read there. With k·N entries spread over the
+        # batch, one dense product and a gather beat gathering rows per entry (2.5× on a CPU).
+        g_vals = (d_xhat @ W_dec.T)[tokens, feats]  # (m,)
         g_pre = g_vals * (vals > 0)  # through the ReLU
         g_b_enc = torch.zeros(d_sae, dtype=x.dtype, device=x.device).index_add_(0, feats, g_pre)
         g_W_enc = torch.sparse.mm(_sparse_t(feats, tokens, g_pre, (d_sae, n)), x).T
         g_W_enc = g_W_enc - torch.outer(b_dec, g_b_enc)  # pre = x·W_enc + b_enc − b_dec·W_enc
         g_b_dec = d_xhat.sum(0) - W_enc @ g_b_enc
         return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
+
+
+def batch_top(pre: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``m`` largest entries of ``pre (N, D)`` as ``(values, rows, columns)``, exactly.
+
+    A flat ``topk`` over all N·D entries is slow; each row's ``4·m/N`` largest hold the top
+    ``m`` unless some row gives all its candidates (it might hold more): only then the flat
+    search runs. (If a row gives fewer, its next value lost to the ``m``-th largest candidate,
+    and so did everything below it.)
+    """
+    n, d = pre.shape
+    per_row = min(d, 4 * -(-m // n))
+    cand = pre.topk(per_row, dim=1, sorted=False)  # (N, per_row)
+    top = cand.values.reshape(-1).topk(m, sorted=False)
+    rows = top.indices // per_row
+    if per_row < d and bool((torch.bincount(rows, minlength=n) >= per_row).any()):
+        flat = pre.reshape(-1).topk(m, sorted=False)
+        return flat.values, flat.indices // d, flat.indices % d
+    return top.values, rows, cand.indices.reshape(-1)[top.indices]
 
 
 def batch_topk_pass(sae: SAE, x: Tensor, buffers: Buffers) -> tuple[TrainingPass, Tensor]:

@@ -44,7 +44,7 @@ DENSE_MATMULS = {
     ("topk", "saescope"): 1,
     ("topk", "SAELens"): 6,
     # batchtopk: hand-written like topk (only the encoder is dense);
-    # jumprelu: autograd through the reference math: encoder, decoder, ∂W_dec, ∂f, ∂W_enc
+    # jumprelu: hand-written like relu: encoder, decoder, ∂W_dec, ∂f, ∂W_enc
     ("batchtopk", "saescope"): 1,
     ("jumprelu", "saescope"): 5,
     # as its topk: b_dec is subtracted from the input, so autograd also computes ∂x

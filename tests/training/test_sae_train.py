@@ -123,3 +123,34 @@ def test_batch_top_equals_a_flat_topk(crowded: bool) -> None:
     assert sorted((rows * 200 + cols).tolist()) == sorted(flat.indices.tolist())
     torch.testing.assert_close(values, pre[rows, cols])
     assert bool((rows == 5).all()) == crowded
+
+
+def test_jumprelu_pass_equals_autograd_with_the_estimators() -> None:
+    """Losses, counts and every gradient, the threshold's (straight-through) included."""
+    from saescope.training.architectures import JumpReLU
+
+    sae = SAE(SAEConfig(D_IN, D_SAE, "jumprelu", options={"bandwidth": 0.5}))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g))
+        sae.b_enc.copy_(0.3 * torch.randn(D_SAE, generator=g))
+        sae.W_dec.copy_(torch.randn(D_SAE, D_IN, generator=g) * 0.3)
+        sae.b_dec.copy_(0.5 * torch.randn(D_IN, generator=g))
+        sae.threshold.copy_(torch.rand(D_SAE, generator=g))
+    sae = sae.double()
+    arch, buffers, lam = JumpReLU(), Buffers(), 0.3
+    for seed in range(3):
+        x = batch(seed)
+        ref = arch.reference_pass(sae, x)
+        (ref.mse + lam * ref.sparsity).backward()
+        want = grads(sae)
+        p = training_pass(sae, x, buffers)
+        (p.mse + lam * p.sparsity).backward()
+        got = grads(sae)
+        torch.testing.assert_close(p.mse, ref.mse.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(p.sparsity, ref.sparsity.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(p.counts, ref.counts)
+        assert set(got) == set(want) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+        assert float(want["threshold"].abs().sum()) > 0  # the estimators moved it
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)

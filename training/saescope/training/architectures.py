@@ -52,6 +52,7 @@ from saescope.training.sae_train import (
     _ReluPass,
     _TopKPass,
     batch_topk_pass,
+    jumprelu_pass,
 )
 
 if TYPE_CHECKING:
@@ -364,7 +365,8 @@ def step_ste(pre: Tensor, threshold: Tensor, eps: float) -> Tensor:
 
 
 class JumpReLU(Architecture):
-    """Rajamanoharan et al. 2024; autograd with the straight-through estimators above."""
+    """Rajamanoharan et al. 2024; hand-written pass (``sae_train._JumpReluPass``), checked
+    against autograd with the straight-through estimators above (``reference_pass``)."""
 
     name = "jumprelu"
     sae_lens_architecture = "jumprelu"
@@ -378,6 +380,11 @@ class JumpReLU(Architecture):
         return jump(pre, sae.threshold)
 
     def forward_pass(self, sae: SAE, x: Tensor, buffers: Buffers) -> TrainingPass:
+        return jumprelu_pass(sae, x, buffers)
+
+    def reference_pass(self, sae: SAE, x: Tensor) -> TrainingPass:
+        """The same pass through autograd and the estimators above (what the tests check
+        ``sae_train._JumpReluPass`` against)."""
         pre = sae.encode_pre(x)
         eps = float(sae.cfg.options["bandwidth"])
         f = jumprelu_ste(pre, sae.threshold, eps)

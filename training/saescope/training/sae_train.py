@@ -229,6 +229,71 @@ class _BatchTopKPass(torch.autograd.Function):
         return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None
 
 
+class _JumpReluPass(torch.autograd.Function):
+    """jumprelu: ``(mse, L0, x̂, counts, pre)`` with the backward written out, the threshold's
+    gradient by the straight-through estimators of Rajamanoharan et al. 2024 (rectangle kernel
+    ``K`` of bandwidth ``ε``): from ``f = pre · H(pre − θ)``, ``∂θ = −θ/ε · K · ∂f``; from the
+    L0 ``H(pre − θ)``, ``∂θ = −1/ε · K``; ``∂pre = H · ∂f``. The same five dense matmuls as
+    relu's pass, over two reused ``(N, d_sae)`` buffers."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        threshold: Tensor,
+        eps: float,
+        pre_buf: Tensor,
+        f_buf: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        n = len(x)
+        pre = torch.addmm(b_enc, x, W_enc, out=pre_buf)  # (N, d_sae)
+        gate = pre > threshold  # (N, d_sae) bool
+        f = torch.mul(pre, gate, out=f_buf)
+        x_hat = torch.addmm(b_dec, f, W_dec)  # (N, d_in)
+        err = x_hat - x
+        mse = err.pow(2).sum() / n
+        counts = gate.sum(0).to(x.dtype)  # (d_sae,)
+        l0 = counts.sum() / n
+        ctx.save_for_backward(x, pre, f, gate, W_dec, threshold, err)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(x_hat, counts, pre)
+        return mse, l0, x_hat, counts, pre
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_mse: Tensor, g_l0: Tensor, *_: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, pre, f, gate, W_dec, threshold, err = ctx.saved_tensors
+        n, eps = len(x), ctx.eps
+        d_xhat = err * (2 * g_mse / n)  # (N, d_in)
+        g_W_dec = f.T @ d_xhat  # (d_sae, d_in)
+        g_b_dec = d_xhat.sum(0)
+        d_f = d_xhat @ W_dec.T  # (N, d_sae)
+        kernel = ((pre - threshold).abs() < eps / 2).to(x.dtype)  # K((pre − θ)/ε), f's buffer free
+        g_threshold = -(threshold / eps) * (kernel * d_f).sum(0) - (g_l0 / (n * eps)) * kernel.sum(
+            0
+        )
+        d_pre = d_f.mul_(gate)  # ∂pre = H · ∂f
+        g_W_enc = x.T @ d_pre  # (d_in, d_sae)
+        g_b_enc = d_pre.sum(0)
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, g_threshold, None, None, None
+
+
+def jumprelu_pass(sae: SAE, x: Tensor, buffers: Buffers) -> TrainingPass:
+    """jumprelu's hand-written pass (its ``sparsity`` is the L0, differentiable in θ)."""
+    pre_buf = buffers.get("pre", x, len(x), sae.cfg.d_sae)
+    f_buf = buffers.get("f", x, len(x), sae.cfg.d_sae)
+    eps = float(sae.cfg.options["bandwidth"])
+    mse, l0, x_hat, counts, pre = _JumpReluPass.apply(
+        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold, eps, pre_buf, f_buf
+    )
+    return TrainingPass(mse, l0, x_hat, counts, pre)
+
+
 def batch_top(pre: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
     """The ``m`` largest entries of ``pre (N, D)`` as ``(values, rows, columns)``, exactly.
 

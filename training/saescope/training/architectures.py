@@ -10,8 +10,9 @@ architecture only through its :class:`Architecture` object, found by name in
   how it starts, and that it is measured in pre-activation units (so ``export`` scales it like
   ``b_enc``) — :attr:`Architecture.extra`;
 - inference: ``b_dec`` subtracted before encoding or not, and ``activate(pre)``;
-- training: the forward pass (``TrainingPass``: hand-written for relu and topk in ``sae_train``,
-  autograd through the reference math for the others), its losses, and decoder upkeep around
+- training: the forward pass (``TrainingPass``: hand-written for relu, topk, batchtopk and
+  jumprelu in ``sae_train``, autograd through the reference math for matryoshka), its losses,
+  and decoder upkeep around
   the optimiser step (unit-norm rows);
 - SAELens: the inference architecture and cfg fields ``cfg.json`` needs so that
   ``sae_lens.SAE.load_from_disk`` loads the checkpoint as the same function;

@@ -15,6 +15,12 @@ goes once the matmuls are counted (BENCHMARKS.md, training):
   ``k`` nonzeros per token. ``b_dec`` is folded into the encoder bias, ``(x − b_dec)·W_enc +
   b_enc = x·W_enc + (b_enc − b_dec·W_enc)``, so no ``(N, d_in)`` copy is made.
 
+- ``batchtopk``: as topk, with the batch's ``k·N`` active entries as coordinates (a token has any
+  number), found from each row's candidates (``batch_top``); ``∂f`` there is read from one
+  dense ``∂x̂ · W_decᵀ``, which beats per-entry gathers when the entries spread over the batch.
+- ``jumprelu``: relu's five dense matmuls; the threshold's straight-through gradients are
+  written out.
+
 AuxK (Gao et al.) stays on autograd in ``SAE.aux_k_loss``, over the dead features' columns only.
 """
 

@@ -12,8 +12,7 @@ architecture only through its :class:`Architecture` object, found by name in
 - inference: ``b_dec`` subtracted before encoding or not, and ``activate(pre)``;
 - training: the forward pass (``TrainingPass``: hand-written for relu, topk, batchtopk and
   jumprelu in ``sae_train``, autograd through the reference math for matryoshka), its losses,
-  and decoder upkeep around
-  the optimiser step (unit-norm rows);
+  and decoder upkeep around the optimiser step (unit-norm rows);
 - SAELens: the inference architecture and cfg fields ``cfg.json`` needs so that
   ``sae_lens.SAE.load_from_disk`` loads the checkpoint as the same function;
 - the service's bound on features active per token (:meth:`Architecture.max_active`).

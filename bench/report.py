@@ -227,22 +227,26 @@ def _l0_fvu(points: list[dict[str, Any]], trainer: str, arch: str) -> list[tuple
 def plot_train_quality(res: Result, ax: Any) -> None:
     pts = res["series"]["points"]
     for trainer, marker in (("saescope", "o"), ("SAELens", "s")):
-        relu = sorted(_l0_fvu(pts, trainer, "relu"))
-        ax.plot(
-            [a for a, _ in relu],
-            [b for _, b in relu],
-            marker + "-",
-            label=f"{trainer} relu (λ sweep)",
-        )
-        topk = _l0_fvu(pts, trainer, "topk")
-        ax.plot(
-            [a for a, _ in topk],
-            [b for _, b in topk],
-            marker,
-            ms=9,
-            mfc="none",
-            label=f"{trainer} topk",
-        )
+        for arch, line in (("relu", "-"), ("jumprelu", "--")):  # swept: a curve each
+            curve = sorted(_l0_fvu(pts, trainer, arch))
+            if curve:
+                ax.plot(
+                    [a for a, _ in curve],
+                    [b for _, b in curve],
+                    marker + line,
+                    label=f"{trainer} {arch} (λ sweep)",
+                )
+        for arch in ("topk", "batchtopk"):  # one point each
+            point = _l0_fvu(pts, trainer, arch)
+            if point:
+                ax.plot(
+                    [a for a, _ in point],
+                    [b for _, b in point],
+                    marker,
+                    ms=9,
+                    mfc="none",
+                    label=f"{trainer} {arch}",
+                )
     ax.set_xscale("log")
     ax.set_xlabel("L0 (held out)")
     ax.set_ylabel("FVU (held out)")

@@ -11,8 +11,9 @@ default). SAELens 6.54 is configured to match saescope's architectures:
   before the encoder, activations rescaled by decoder norms, AuxK);
 - ``batchtopk``: ``BatchTopKTrainingSAE`` with the same ``k`` (the k·N largest of the batch;
   AuxK; its inference threshold estimated while training);
-- ``jumprelu``: ``JumpReLUTrainingSAE`` with the same L0 coefficient, bandwidth and starting
-  threshold as saescope's defaults (SAELens's own: 0.05, 0.01), its "step" L0 loss.
+- ``jumprelu``: ``JumpReLUTrainingSAE`` with the same L0 coefficient (``Spec.l1``), and
+  bandwidth and starting threshold as saescope's defaults (SAELens's own: 0.05, 0.01), its
+  "step" L0 loss.
 
 SAELens normalises so that E‖x‖ = √d_in, saescope so that E‖x‖² = d_in: the same λ means very
 nearly the same thing in both. Each returns an SAE that reads model units, for evaluation.
@@ -95,7 +96,8 @@ def saescope_trainer(spec: Spec) -> Trainer:
         seed=spec.seed,
     )
     k = spec.k if spec.arch in TAKES_K else None
-    sae = SAE(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k))
+    options = {"l0_coefficient": spec.l1} if spec.arch == "jumprelu" else {}
+    sae = SAE(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k, options=options))
     sae.init_weights(torch.Generator().manual_seed(spec.seed))
     return Trainer(sae.to(spec.device), cfg, total_steps=spec.steps)
 
@@ -173,7 +175,7 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
                 d_sae=spec.d_sae,
                 normalize_activations="expected_average_only_in",
                 device=spec.device,
-                l0_coefficient=1.0,
+                l0_coefficient=spec.l1,
                 l0_warm_up_steps=warmup,
             )
         )

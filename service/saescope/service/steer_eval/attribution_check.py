@@ -31,6 +31,7 @@ from saescope.service import types as t
 from saescope.service.engine import Engine
 from saescope.service.runtime import LoadedSae
 from saescope.service.steer_eval.concepts import CONCEPTS
+from saescope.service.steer_eval.run import owned_engine
 from saescope.training import models
 
 
@@ -116,13 +117,8 @@ def check(cfg: CheckConfig, *, engine: Engine | None = None, log: Any = print) -
     if cfg.top < 1:
         raise ValueError(f"top: must be ≥ 1, got {cfg.top}")
     if engine is None:
-        if cfg.sae is None:
-            raise ValueError("sae: an SAE checkpoint is required")
-        own = Engine(cfg.model, {"check": cfg.sae}, device=cfg.device)
-        try:
+        with owned_engine(cfg.sae, cfg.model, cfg.device) as own:
             return check(cfg, engine=own, log=log)
-        finally:
-            own.close()
     ls = engine.rt.get_sae(cfg.sae_id)
     texts = texts[: cfg.prompts or None]
     ablations: list[Ablation] = []

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,13 +137,8 @@ def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print)
     start = time.perf_counter()
     _validate(cfg)
     if engine is None:
-        if cfg.sae is None:
-            raise ValueError("sae: an SAE checkpoint is required")
-        own = Engine(cfg.model, {"eval": cfg.sae}, device=cfg.device)
-        try:
+        with owned_engine(cfg.sae, cfg.model, cfg.device) as own:
             return evaluate(cfg, engine=own, log=log)
-        finally:
-            own.close()
     sae_id = cfg.sae_id or engine.rt.default_sae_id
     chosen = [c for c in CONCEPTS if not cfg.concepts or c.name in cfg.concepts]
     prompts = list(GENERATION_PROMPTS[: cfg.prompts])
@@ -188,6 +184,19 @@ def evaluate(cfg: EvalConfig, *, engine: Engine | None = None, log: Any = print)
                 f" · rel. ppl {run.relative_ppl:.2f} · repetition {run.repetition:.2f}"
             )
     return Result(runs, accuracy, found, time.perf_counter() - start)
+
+
+@contextmanager
+def owned_engine(sae: Path | None, model: str, device: str) -> Iterator[Engine]:
+    """An engine on ``model`` serving the checkpoint ``sae``, closed on leaving (for the
+    evaluations' runs that are given no engine)."""
+    if sae is None:
+        raise ValueError("sae: an SAE checkpoint is required")
+    own = Engine(model, {"eval": sae}, device=device)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def _validate(cfg: EvalConfig) -> None:

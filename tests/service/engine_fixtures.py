@@ -23,6 +23,7 @@ import functools
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,3 +249,27 @@ def tiny_engine() -> Engine:
 def density_of(feature: int, d_sae: int = 128) -> float:
     """The density ``build_tiny_sae`` records for ``feature``."""
     return math.pow(10.0, -(1.0 + feature / d_sae))
+
+
+def greedy_with_edit(
+    engine: Engine, hookpoint: str, ids: list[int], edit: Callable[[Tensor], Tensor], steps: int
+) -> list[int]:
+    """``steps`` greedy tokens after ``ids`` from a plain loop of full forwards (no KV cache, no
+    batching) with ``edit(h) -> h'`` applied to ``hookpoint``'s hidden states ``(1, T, d)``: the
+    reference the engine's steered decoding must equal."""
+
+    def hook(_m: torch.nn.Module, _i: object, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        edited = edit(h)
+        return (edited, *out[1:]) if isinstance(out, tuple) else edited
+
+    tokens = list(ids)
+    handle = engine.rt.model.get_submodule(hookpoint).register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            for _ in range(steps):
+                logits = engine.rt.model(torch.tensor([tokens])).logits[0, -1]
+                tokens.append(int(logits.argmax()))
+    finally:
+        handle.remove()
+    return tokens[len(ids) :]

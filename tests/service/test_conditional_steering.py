@@ -5,7 +5,6 @@ position is left bit-identical, and the response says where each conditional edi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from saescope.service import types as t
 from saescope.service.engine import Engine
 from saescope.service.errors import InvalidArgument, NotFound
 from saescope.service.steering import EditBatch, RowEdits, apply_edits
-from tests.service.engine_fixtures import tiny_engine
+from tests.service.engine_fixtures import greedy_with_edit, tiny_engine
 from tests.service.test_steering import random_sae
 
 Edit = t.Intervention
@@ -173,22 +172,12 @@ def test_conditional_direction_equals_a_hand_written_hook(engine: Engine) -> Non
     got = generate(When(direction=u, threshold=threshold))
     unconditional = generate(None)
 
-    def hook(_m: torch.nn.Module, _i: object, out: Any) -> Any:
-        h = out[0] if isinstance(out, tuple) else out
+    def edit(h: torch.Tensor) -> torch.Tensor:
         mask = (h @ u_hat.to(h.dtype)) > threshold  # (1, T)
-        edited = torch.where(mask[..., None], h + 3.0 * torch.from_numpy(v).to(h.dtype), h)
-        return (edited, *out[1:]) if isinstance(out, tuple) else edited
+        return torch.where(mask[..., None], h + 3.0 * torch.from_numpy(v).to(h.dtype), h)
 
-    handle = engine.rt.model.get_submodule(ls.hookpoint).register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            for _ in range(6):
-                logits = engine.rt.model(torch.tensor([ids])).logits[0, -1]
-                ids.append(int(logits.argmax()))
-    finally:
-        handle.remove()
     steered = [tok.id for tok in got.steered.tokens]
-    assert steered == ids[n_prompt:]
+    assert steered == greedy_with_edit(engine, ls.hookpoint, ids, edit, 6)
     assert got.baseline is not None and steered != [tok.id for tok in got.baseline.tokens]
     assert steered != [tok.id for tok in unconditional.steered.tokens]
     fired = got.steered.fired[0].positions

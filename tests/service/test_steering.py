@@ -3,8 +3,6 @@ and validation of interventions."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from saescope.service.engine import Engine
 from saescope.service.errors import InvalidArgument, NotFound, OutOfRange
 from saescope.service.steering import EditBatch, RowEdits, apply_edits, steering_hooks
 from saescope.training.sae import SAE, SAEConfig
-from tests.service.engine_fixtures import TEST_LIMITS, tiny_engine
+from tests.service.engine_fixtures import TEST_LIMITS, greedy_with_edit, tiny_engine
 
 Edit = t.Intervention
 VECTOR = "interventions[0].direction"
@@ -245,22 +243,14 @@ def test_direction_equals_a_hand_written_hook(engine: Engine, scope: str) -> Non
     n_prompt = len(ids)
     add = 3.0 * torch.from_numpy(v)
 
-    def hook(_m: torch.nn.Module, _i: object, out: Any) -> Any:
-        h = out[0] if isinstance(out, tuple) else out
+    def edit(h: torch.Tensor) -> torch.Tensor:
         edited = h.clone()
         start = n_prompt if scope == "generated" else 0
         edited[:, start:] += add.to(h.dtype)
-        return (edited, *out[1:]) if isinstance(out, tuple) else edited
+        return edited
 
-    handle = engine.rt.model.get_submodule(ls.hookpoint).register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            for _ in range(6):
-                logits = engine.rt.model(torch.tensor([ids])).logits[0, -1]
-                ids.append(int(logits.argmax()))
-    finally:
-        handle.remove()
-    assert [tok.id for tok in got.steered.tokens] == ids[n_prompt:]
+    want = greedy_with_edit(engine, ls.hookpoint, ids, edit, 6)
+    assert [tok.id for tok in got.steered.tokens] == want
     assert got.baseline is not None and got.baseline.tokens != got.steered.tokens
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from bench import common
@@ -72,17 +71,7 @@ def measure(args: argparse.Namespace) -> None:
 
 def write_doc(doc: Path, table: str, machine: dict[str, object], params: dict[str, object]) -> None:
     """Replace the block between the markers in ``doc`` (appended when it has none)."""
-    head = (
-        f"_{machine['date']}, commit `{machine['commit']}`, {machine['cpu']}, "
-        f"{machine['nproc']} cores; " + ", ".join(f"{k} = {v}" for k, v in params.items()) + "._"
-    )
-    block = f"{BEGIN}\n{head}\n\n{table}\n{END}"
-    text = doc.read_text() if doc.is_file() else ""
-    if BEGIN not in text:
-        text = text + ("\n" if text else "") + f"{BEGIN}\n{END}\n"
-    pattern = re.escape(BEGIN) + ".*?" + re.escape(END)
-    doc.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))
-    print(f"wrote {doc}")
+    common.write_doc_block(doc, "attribution", table, machine, params)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import time
@@ -372,3 +373,23 @@ def build_random_sae(
     sae.init_weights(torch.Generator().manual_seed(seed))
     meta = {"model": model, "hookpoint": hookpoint, "tokens_seen": 0, "metrics": {}}
     return checkpoint.save_checkpoint(out_dir, sae.export(1.0), meta)
+
+
+def write_doc_block(
+    doc: Path, name: str, body: str, machine: Mapping[str, Any], params: Mapping[str, Any]
+) -> None:
+    """Replace the block between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``doc``
+    (appended when ``doc`` has none) with a line naming the machine, the commit and ``params``,
+    then ``body``; the rest of the page is written by hand."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    head = (
+        f"_{machine['date']}, commit `{machine['commit']}`, {machine['cpu']}, "
+        f"{machine['nproc']} cores; " + ", ".join(f"{k} = {v}" for k, v in params.items()) + "._"
+    )
+    block = f"{begin}\n{head}\n\n{body}\n{end}"
+    text = doc.read_text() if doc.is_file() else ""
+    if begin not in text:
+        text = text + ("\n" if text else "") + f"{begin}\n{end}\n"
+    pattern = re.escape(begin) + ".*?" + re.escape(end)
+    doc.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))
+    print(f"wrote {doc}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from bench import common
@@ -73,16 +72,8 @@ def measure(args: argparse.Namespace) -> None:
 
 
 def _write_doc(tables: str, machine: dict[str, object], params: dict[str, object]) -> None:
-    head = (
-        f"_{machine['date']}, commit `{machine['commit']}`, {machine['cpu']}, "
-        f"{machine['nproc']} cores; " + ", ".join(f"{k} = {v}" for k, v in params.items()) + "._"
-    )
     figure = f"![concept score against strength and fluency](bench/results/{NAME}.png)"
-    block = f"<!-- steer:begin -->\n{head}\n\n{tables}\n\n{figure}\n<!-- steer:end -->"
-    text = DOC.read_text() if DOC.is_file() else "<!-- steer:begin -->\n<!-- steer:end -->\n"
-    pattern = r"<!-- steer:begin -->.*?<!-- steer:end -->"
-    DOC.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))
-    print(f"wrote {DOC}")
+    common.write_doc_block(DOC, "steer", f"{tables}\n\n{figure}", machine, params)
 
 
 def main(argv: list[str] | None = None) -> None:

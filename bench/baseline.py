@@ -40,7 +40,7 @@ class Loaded:
         """The model in ``dtype``, the SAE in float32 (as the service holds them), on ``device``."""
         lm, tok = models.load_model(model, device=device, dtype=getattr(torch, dtype))
         sae, meta = checkpoint.load_sae(sae_path)
-        hookpoint = models.resolve_hookpoint(lm, meta["hookpoint"])
+        hookpoint = models.resolve_hookpoint(lm, meta.hookpoint)
         return cls(lm, tok, sae.to(device), hookpoint, device)
 
     def ids(self, text: str) -> list[int]:

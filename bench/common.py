@@ -371,7 +371,7 @@ def build_random_sae(
 
     sae = SAE(SAEConfig(d_in, d_sae, architecture, k))
     sae.init_weights(torch.Generator().manual_seed(seed))
-    meta = {"model": model, "hookpoint": hookpoint, "tokens_seen": 0, "metrics": {}}
+    meta = checkpoint.CheckpointMeta(model=model, hookpoint=hookpoint, sae=sae.cfg)
     return checkpoint.save_checkpoint(out_dir, sae.export(1.0), meta)
 
 

@@ -29,7 +29,9 @@ ORDER = (
     "serve_memory",
     "train_speed",
     "train_quality",
+    "synth_bench",
     "sae_dtype",
+    "catalog_speed",
     "wire_convert",
 )
 Result = dict[str, Any]
@@ -254,6 +256,20 @@ def plot_train_quality(res: Result, ax: Any) -> None:
     ax.set_title("FVU vs L0 at equal tokens")
 
 
+def plot_synth_bench(res: Result, ax: Any) -> None:
+    pts = res["series"]["points"]
+    archs = list(dict.fromkeys(p["architecture"] for p in pts))
+    width = 0.4
+    for i, (trainer, color) in enumerate((("saescope", "#4c72b0"), ("SAELens", "#dd8452"))):
+        mcc = {p["architecture"]: p["mcc"] for p in pts if p["trainer"] == trainer}
+        xs = [j + (i - 0.5) * width for j in range(len(archs))]
+        ax.bar(xs, [mcc.get(a, 0.0) for a in archs], width, color=color, label=trainer)
+    ax.set_xticks(range(len(archs)), archs)
+    ax.set_ylabel("MCC (decoder vs true features)")
+    ax.legend(fontsize=7)
+    ax.set_title("SynthSAEBench (CPU size): feature recovery")
+
+
 PLOTS: dict[str, Callable[[Result, Any], None]] = {
     "serve_activations": plot_serve_activations,
     "serve_steering": plot_serve_steering,
@@ -264,6 +280,7 @@ PLOTS: dict[str, Callable[[Result, Any], None]] = {
     "serve_memory": plot_serve_memory,
     "train_speed": plot_train_speed,
     "train_quality": plot_train_quality,
+    "synth_bench": plot_synth_bench,
 }
 
 

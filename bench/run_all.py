@@ -1,11 +1,12 @@
 """Run every benchmark, then regenerate BENCHMARKS.md and the plots (``make bench``).
 
 The serving benches share one local Serve instance (default model, random SAE at layer 15);
-the training benches share one cached tensor of real layer-15 activations. ``--quick`` is a
+the training benches share one cached tensor of real layer-15 activations (``synth_bench``
+caches its synthetic model and samples beside it). ``--quick`` is a
 smoke run (tiny sizes, one round) that writes to a temporary folder unless ``--out`` is given,
 so it never replaces real results.
 
-    python -m bench.run_all                 # everything, ~30 min on a 2-core machine
+    python -m bench.run_all                 # everything, ~45 min on a 2-core machine
     python -m bench.run_all --quick         # a few minutes: do the scripts still work?
     python -m bench.run_all --only serve_activations,train_speed
     python -m bench.run_all --device cuda --dtype bfloat16      # on a GPU node
@@ -30,6 +31,7 @@ from bench import (
     serve_overhead,
     serve_steering,
     serve_streams,
+    synth_bench,
     train_data,
     train_quality,
     train_speed,
@@ -45,7 +47,7 @@ SERVE: tuple[ModuleType, ...] = (
     serve_fairness,
     serve_memory,
 )
-TRAIN: tuple[ModuleType, ...] = (train_speed, train_quality)
+TRAIN: tuple[ModuleType, ...] = (train_speed, train_quality, synth_bench)
 
 
 def main(argv: list[str] | None = None) -> None:

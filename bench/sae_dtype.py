@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from saescope.training import default_sae
 
 NAME = "sae_dtype"
 TITLE = "Served SAE precision with a low-precision model"
-DEFAULT_SAE = Path("~/.cache/saescope/saes/smollm2-135m-l15-relu").expanduser()
+DEFAULT_SAE = default_sae.shipped_dir()  # the SAE shipped in the package
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,7 +99,7 @@ def measure(args: argparse.Namespace) -> None:
     sae32, meta = checkpoint.load_sae(args.sae, device=args.device, dtype=torch.float32)
     rows = []
     for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-        x = _residuals(dtype, args.tokens, meta["hookpoint"], args.device)
+        x = _residuals(dtype, args.tokens, meta.hookpoint, args.device)
         sae_low, _ = checkpoint.load_sae(args.sae, device=args.device, dtype=dtype)
         res = _compare(sae32, sae_low, x, rounds=3 if args.quick else 15)
         rows.append({"model dtype": name, "tokens": int(x.shape[0])} | res)
@@ -107,7 +108,7 @@ def measure(args: argparse.Namespace) -> None:
         args.out,
         NAME,
         title=TITLE,
-        params={"sae": str(args.sae), "hookpoint": meta["hookpoint"], "threads": args.threads},
+        params={"sae": str(args.sae), "hookpoint": meta.hookpoint, "threads": args.threads},
         rows=[
             {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
         ],

@@ -18,10 +18,11 @@ import json
 from pathlib import Path
 
 from bench import common
+from saescope.training import default_sae
 
 NAME = "steer_eval"
 TITLE = "Steering against prompting and a difference-in-means vector"
-DEFAULT_SAE = Path("~/.cache/saescope/saes/smollm2-135m-l15-relu").expanduser()
+DEFAULT_SAE = default_sae.shipped_dir()  # the SAE shipped in the package
 DOC = common.ROOT / "STEERING.md"
 
 

@@ -13,7 +13,9 @@ default). SAELens 6.54 is configured to match saescope's architectures:
   AuxK; its inference threshold estimated while training);
 - ``jumprelu``: ``JumpReLUTrainingSAE`` with the same L0 coefficient (``Spec.l1``), and
   bandwidth and starting threshold as saescope's defaults (SAELens's own: 0.05, 0.01), its
-  "step" L0 loss.
+  "step" L0 loss;
+- ``matryoshka``: ``MatryoshkaBatchTopKTrainingSAE`` with the same ``k`` and nested widths
+  (``Spec.prefixes`` then ``d_sae``; its defaults otherwise, as batchtopk's).
 
 SAELens normalises so that E‖x‖ = √d_in, saescope so that E‖x‖² = d_in: the same λ means very
 nearly the same thing in both. Each returns an SAE that reads model units, for evaluation.
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -39,8 +41,8 @@ from bench.train_data import Batches
 if TYPE_CHECKING:
     from saescope.training.trainer import Trainer
 
-Arch = Literal["relu", "topk", "batchtopk", "jumprelu"]
-TAKES_K = ("topk", "batchtopk")
+Arch = Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+TAKES_K = ("topk", "batchtopk", "matryoshka")
 SCALE_BATCHES = 8
 
 
@@ -59,6 +61,7 @@ class Spec:
     seed: int = 0
     scale_batches: int = SCALE_BATCHES
     device: str = "cpu"  # both trainers train here (float32)
+    prefixes: tuple[int, ...] = ()  # matryoshka: nested group sizes below d_sae
 
     @property
     def tokens(self) -> int:
@@ -73,11 +76,13 @@ class Spec:
 
 @dataclass
 class Run:
-    """What a run produced: durations of its last ``timed_steps`` steps, and its SAE as
-    ``x ↦ (x̂, f)`` in model units."""
+    """What a run produced: durations of its last ``timed_steps`` steps, its SAE as
+    ``x ↦ (x̂, f)`` in model units, and the SAE object itself (saescope's exported ``SAE`` or
+    SAELens's trained one; both have ``W_dec``, ``encode`` and ``decode`` in model units)."""
 
     step_times: list[float]
     reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]]
+    sae: Any = None
 
 
 def saescope_trainer(spec: Spec) -> Trainer:
@@ -96,7 +101,11 @@ def saescope_trainer(spec: Spec) -> Trainer:
         seed=spec.seed,
     )
     k = spec.k if spec.arch in TAKES_K else None
-    options = {"l0_coefficient": spec.l1} if spec.arch == "jumprelu" else {}
+    options: dict[str, Any] = {}
+    if spec.arch == "jumprelu":
+        options = {"l0_coefficient": spec.l1}
+    elif spec.arch == "matryoshka":
+        options = {"prefixes": list(spec.prefixes)}
     sae = SAE(SAEConfig(spec.d_in, spec.d_sae, spec.arch, k, options=options))
     sae.init_weights(torch.Generator().manual_seed(spec.seed))
     return Trainer(sae.to(spec.device), cfg, total_steps=spec.steps)
@@ -115,7 +124,7 @@ def train_saescope(spec: Spec, x: Tensor) -> Run:
         f = exported.encode(v.to(spec.device))
         return exported.decode(f).cpu(), f.cpu()
 
-    return Run(batches.step_times(spec.timed_steps, end), reconstruct)
+    return Run(batches.step_times(spec.timed_steps, end), reconstruct, exported)
 
 
 def train_saelens(spec: Spec, x: Tensor) -> Run:
@@ -123,6 +132,10 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import TrainingSAE
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -168,6 +181,17 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
                 device=spec.device,
             )
         )
+    elif spec.arch == "matryoshka":
+        sae = MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(
+                d_in=spec.d_in,
+                d_sae=spec.d_sae,
+                k=spec.k,
+                matryoshka_widths=[*spec.prefixes, spec.d_sae],
+                normalize_activations="expected_average_only_in",
+                device=spec.device,
+            )
+        )
     else:
         sae = JumpReLUTrainingSAE(
             JumpReLUTrainingSAEConfig(
@@ -203,7 +227,7 @@ def train_saelens(spec: Spec, x: Tensor) -> Run:
         f = trained.encode(v.to(spec.device))
         return trained.decode(f).cpu(), f.cpu()
 
-    return Run(batches.step_times(spec.timed_steps, end), reconstruct)
+    return Run(batches.step_times(spec.timed_steps, end), reconstruct, trained)
 
 
 TRAINERS: dict[str, Callable[[Spec, Tensor], Run]] = {

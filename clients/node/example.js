@@ -69,6 +69,10 @@ async function main() {
     const top = why.features.map((f) => `${f.feature} ${f.attribution.toFixed(3)}`).join(', ');
     console.log(`attribution of ${JSON.stringify(why.target.text)}: ${top}; error ${why.error.toFixed(3)}, total ${why.total.toFixed(3)}`);
 
+    // Features for a text: by label and context (with a catalog) and by firing on the text.
+    const found = await client.searchFeatures('The quick brown fox', { topN: 3 });
+    console.log(`search: ${found.hits.map((h) => `${h.feature} ${h.matched}`).join(', ')}`);
+
     try {
       await client.activations([prompt], { saeId: 'no-such-sae' });
     } catch (err) {

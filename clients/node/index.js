@@ -6,6 +6,7 @@
 //   const acts = await client.activations(['The cat sat'], { topK: 3 });
 //   const gen = await client.generate('I think', { interventions: [clamp(12, 8)] });
 //   const why = await client.attribute('The Eiffel Tower is in', { target: ' Paris' });
+//   const found = await client.searchFeatures('ocean', { topN: 5 });
 //   for await (const ev of client.stream('Once upon a time', { maxNewTokens: 20 })) { ... }
 //   client.close();
 //
@@ -286,6 +287,11 @@ class SaeScopeClient {
     return this._unary('SearchFeaturesByContrast', request, opts.timeoutMs);
   }
 
+  /**
+   * One feature; where its SAE has a catalog, also `label`, `topExamples` (a page of
+   * `opts.examples`, next: `opts.examplesPageToken = response.nextExamplesPageToken`),
+   * `quantileExamples` (`opts.quantileExamples` per bin), `histogram` and `cofiring`.
+   */
   feature(feature, opts = {}) {
     const request = {
       saeId: opts.saeId || '',
@@ -293,8 +299,48 @@ class SaeScopeClient {
       topLogits: opts.topLogits || 10,
       neighbours: opts.neighbours || 10,
       includeDirection: Boolean(opts.direction),
+      examplesPageSize: opts.examples || 0,
+      examplesPageToken: opts.examplesPageToken || '',
+      quantileExamples: opts.quantileExamples || 0,
     };
     return this._unary('GetFeature', request, opts.timeoutMs);
+  }
+
+  /**
+   * A page of features with their labels and densities (needs a catalog: FAILED_PRECONDITION
+   * without one). Filters: `minDensity`, `maxDensity`, `label` (contained, case-insensitive);
+   * the next page: `pageToken = response.nextPageToken` (empty on the last page).
+   */
+  listFeatures(opts = {}) {
+    const request = {
+      saeId: opts.saeId || '',
+      pageSize: opts.pageSize || 0,
+      pageToken: opts.pageToken || '',
+      labelContains: opts.label || '',
+    };
+    if (opts.minDensity !== undefined) request.minDensity = opts.minDensity;
+    if (opts.maxDensity !== undefined) request.maxDensity = opts.maxDensity;
+    return this._unary('ListFeatures', request, opts.timeoutMs);
+  }
+
+  /** Every feature that passes `listFeatures`' filters, page after page. */
+  async *iterFeatures(opts = {}) {
+    let pageToken = '';
+    do {
+      const page = await this.listFeatures({ ...opts, pageToken });
+      yield* page.features;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /**
+   * Features for a text query: by their labels and example contexts (BM25, with a catalog)
+   * and by how much they fire on `query` itself; each hit's `matched` is 'text', 'activation'
+   * or 'both'.
+   */
+  searchFeatures(query, opts = {}) {
+    const request = { saeId: opts.saeId || '', query, topN: opts.topN || 0 };
+    return this._unary('SearchFeatures', request, opts.timeoutMs);
   }
 
   /**

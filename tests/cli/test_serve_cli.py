@@ -4,7 +4,6 @@ running service)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,6 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def fake_checkpoint(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "saescope.json").write_text(json.dumps({"format_version": 1}))
-    return path
-
-
 def test_config_file_then_flags(cache: Path) -> None:
     p = plan("--config", str(DEFAULT_CONFIG))
     assert (p.grpc_port, p.http_port, p.host) == (9000, 8000, "127.0.0.1")
@@ -46,20 +39,18 @@ def test_config_file_then_flags(cache: Path) -> None:
     )
 
 
-def test_no_sae_means_the_default_sae(cache: Path) -> None:
-    default = fake_checkpoint(cache / "saes" / serve.DEFAULT_SAE_ID)
+def test_no_sae_means_the_shipped_default_sae(cache: Path) -> None:
     p = plan()
-    assert p.app_args == {"saes": [{"sae_id": serve.DEFAULT_SAE_ID, "path": str(default)}]}
+    assert p.app_args == {"saes": [{"sae_id": serve.DEFAULT_SAE_ID, "path": "default"}]}
     assert (p.grpc_port, p.http_port, p.host) == (9000, 8000, "127.0.0.1")
+    # Nothing was trained or copied into the cache: the SAE is the package's.
+    assert not list(cache.iterdir())
 
 
-def test_a_finished_training_run_is_installed(cache: Path) -> None:
-    final = fake_checkpoint(cache / "runs" / serve.DEFAULT_SAE_ID / "final")
-    (final / "sae_weights.safetensors").write_bytes(b"w")
-    target = serve.ensure_default_sae(Path("/nonexistent.yaml"))
-    assert target == cache / "saes" / serve.DEFAULT_SAE_ID
-    assert (target / "sae_weights.safetensors").read_bytes() == b"w"
-    assert not list(target.parent.glob(".*tmp*"))
+def test_the_cli_names_the_shipped_sae_without_importing_torch() -> None:
+    from saescope.training import default_sae
+
+    assert serve.DEFAULT_SAE_ID == default_sae.SAE_ID
 
 
 def test_mistakes_name_the_flag(cache: Path) -> None:
@@ -67,8 +58,6 @@ def test_mistakes_name_the_flag(cache: Path) -> None:
         plan("--sae", "no-equals-sign")
     with pytest.raises(ValueError, match="--sae: name an SAE"):
         plan("--model", "gpt2")
-    with pytest.raises(FileNotFoundError, match="--train-config"):
-        plan("--train-config", str(cache / "missing.yaml"))
     with pytest.raises(FileNotFoundError, match="--config"):
         plan("--config", str(cache / "missing.yaml"))
 

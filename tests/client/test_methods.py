@@ -28,6 +28,8 @@ def test_the_method_list() -> None:
         "feature",
         "generate",
         "info",
+        "list_features",
+        "search_features",
         "stream",
         "tokenize",
     ]

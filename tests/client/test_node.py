@@ -1,6 +1,6 @@
 """The Node.js client (``clients/node``) against the real service: ``node example.js`` runs
-every kind of call (info, tokenize, activations, generate, stream, feature, attribute, an
-error).
+every kind of call (info, tokenize, activations, generate, stream, feature, attribute, search,
+an error).
 
 Skipped, saying why, where ``node`` is not installed or ``npm install`` has not run there.
 """
@@ -69,3 +69,5 @@ def test_node_example_runs_against_the_service(
     why = client.attribute("The quick brown fox jumps over the lazy dog", top_n=3)
     target = json.dumps(why.target.text, ensure_ascii=False)
     assert f"attribution of {target}: {why.features[0].feature} " in out
+    found = client.search_features("The quick brown fox", top_n=3)
+    assert f"search: {', '.join(f'{h.feature} {h.matched}' for h in found.hits)}" in out

@@ -9,6 +9,7 @@ from the image, so a baked model is used wherever no component replaces it.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -60,7 +61,38 @@ def test_workers_read_the_cache_the_image_fills(kustomization: str) -> None:
     args = cluster.app_config(kustomization)["args"]
     assert args["model"] == "default"
     for sae in args["saes"]:
-        assert sae["path"] == f"{CACHE}/saes/{sae['sae_id']}"
+        # `default`: the SAE shipped inside the package, which the image installs (below)
+        assert sae["path"] in ("default", f"{CACHE}/saes/{sae['sae_id']}")
+    assert any(sae["path"] == "default" for sae in args["saes"])
+
+
+def test_the_image_installs_the_shipped_default_sae() -> None:
+    """The package the image installs carries the default SAE; nothing keeps it out."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^COPY --chown=1000:100 training \./training$", text, re.M)
+    rules = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    shipped = "training/saescope/default_sae/smollm2-135m-l15-topk/sae_weights.safetensors"
+    assert not ignored(shipped, rules)
+    assert ignored(".venv/bin/python", rules)  # the check itself can say no
+
+
+def ignored(path: str, rules: list[str]) -> bool:
+    """Whether a .dockerignore's ``rules`` keep ``path`` out: the last rule matching the path
+    or one of its parent folders wins; ``!`` re-includes."""
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    out = False
+    for rule in (r.strip() for r in rules):
+        if not rule or rule.startswith("#"):
+            continue
+        negated, pattern = rule.startswith("!"), rule.lstrip("!").rstrip("/")
+        pattern = pattern.removeprefix("**/")
+        if any(
+            fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], pattern)
+            for p in prefixes
+        ):
+            out = not negated
+    return out
 
 
 def test_dockerfile_bakes_model_and_saes_into_the_cache() -> None:

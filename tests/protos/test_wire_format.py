@@ -52,6 +52,8 @@ def service_request(rpc: str, message: Any) -> Any:
         "SearchFeaturesByContrast": t.ContrastRequest,
         "GetFeature": t.FeatureRequest,
         "AttributeFeatures": t.AttributeRequest,
+        "ListFeatures": t.ListFeaturesRequest,
+        "SearchFeatures": t.SearchFeaturesRequest,
     }
     return convert.request(message, types[rpc])
 

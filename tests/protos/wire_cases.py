@@ -167,6 +167,40 @@ FEATURE = t.Feature(
     direction=[0.6, -0.8, 0.0],
 )
 FEATURE_BARE = t.Feature("l15", 3, 1.0, 0.5, 0.0, None, [], [], [], [], None)
+EXAMPLE = t.ActivatingExample(TOK[1:], [2.5, 0.0], 2.5, 0)
+FEATURE_CATALOG = dataclasses.replace(
+    FEATURE_BARE,
+    top_examples=[EXAMPLE],
+    next_examples_page_token="eyJvIjoxfQ",
+    quantile_examples=[t.QuantileBin(0.0, 1.25, []), t.QuantileBin(1.25, 2.5, [EXAMPLE])],
+    histogram=t.Histogram([0.0, 1.25, 2.5], [7, 1]),
+    label=t.FeatureLabel(
+        text="Hello | é",
+        tokens=[t.TokenScore(0, "Hello", 2.5)],
+        ngrams=[t.TokenScore(0, "Hello é", 1.5)],
+        scripts={"Latin": 1.0},
+        languages={"en": 0.75, "fr": 0.25},
+        detection=t.DetectionScore(0.5, 0.75, 0.375, 0.625, 8, 120),
+        explanation="greetings",
+    ),
+    cofiring=[t.Neighbour(9, 0.5)],
+    catalog_tokens=4096,
+)
+FEATURE_PAGE = t.FeaturePage(
+    "l15",
+    [t.FeatureSummary(7, 0.015625, "Hello | é", 0.5, 2.5), t.FeatureSummary(9, 0.0, "", None)],
+    "eyJvIjoyfQ",
+    5,
+)
+SEARCH = t.FeatureSearch(
+    "l15",
+    [
+        t.SearchHit(7, 0.03125, 1.5, 0.75, "both", "Hello | é", 0.015625),
+        t.SearchHit(9, 0.015625, None, 0.5, "activation"),
+        t.SearchHit(3, 0.0078125, 2.0, None, "text", "ocean"),
+    ],
+    True,
+)
 
 ATTRIBUTION = t.Attribution(
     sae_id="l15",
@@ -337,6 +371,46 @@ CASES: dict[str, Case] = {
             feature=3, sae_id="", top_logits=10, neighbours=10, include_direction=False
         ),
         [FEATURE_BARE],
+    ),
+    "feature_catalog": Case(
+        "GetFeature",
+        lambda c: c.feature(3, examples=1, examples_page_token="eyJvIjoxfQ", quantile_examples=2),
+        t.FeatureRequest(
+            feature=3, examples_page_size=1, examples_page_token="eyJvIjoxfQ", quantile_examples=2
+        ),
+        [FEATURE_CATALOG],
+    ),
+    "list_features": Case(
+        "ListFeatures",
+        lambda c: c.list_features(
+            sae_id="l15",
+            page_size=2,
+            page_token="eyJvIjowfQ",
+            min_density=0.0,
+            max_density=0.5,
+            label="hello",
+        ),
+        t.ListFeaturesRequest(
+            sae_id="l15",
+            page_size=2,
+            page_token="eyJvIjowfQ",
+            min_density=0.0,
+            max_density=0.5,
+            label_contains="hello",
+        ),
+        [FEATURE_PAGE],
+    ),
+    "list_features_bare": Case(
+        "ListFeatures",
+        lambda c: c.list_features(),
+        t.ListFeaturesRequest(),
+        [t.FeaturePage("l15", [], "", 0)],
+    ),
+    "search_features": Case(
+        "SearchFeatures",
+        lambda c: c.search_features("ocean é", sae_id="l15", top_n=3),
+        t.SearchFeaturesRequest(query="ocean é", sae_id="l15", top_n=3),
+        [SEARCH],
     ),
     "attribute": Case(
         "AttributeFeatures",

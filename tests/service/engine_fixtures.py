@@ -168,12 +168,13 @@ def build_tiny_sae(
     log_density = None
     if sparsity:
         log_density = -(1.0 + torch.arange(d_sae, dtype=torch.float32) / d_sae)
-    meta = {
-        "model": str(model_dir),
-        "hookpoint": hookpoint,
-        "tokens_seen": 12345,
-        "metrics": {"l0": 12.5, "fvu": 0.25, "dead_fraction": 0.0},
-    }
+    meta = checkpoint.CheckpointMeta(
+        model=str(model_dir),
+        hookpoint=hookpoint,
+        sae=sae.cfg,
+        tokens_seen=12345,
+        metrics={"l0": 12.5, "fvu": 0.25, "dead_fraction": 0.0},
+    )
     return checkpoint.save_checkpoint(Path(out_dir), sae, meta, sparsity=log_density)
 
 
@@ -208,7 +209,7 @@ def build_planted_sae(
         sae.W_dec[PLANTED_FEATURE] = w
         sae.W_enc[:, PLANTED_FEATURE] = w * gain
         sae.b_enc[PLANTED_FEATURE] = -threshold * gain
-    meta = {"model": str(model_dir), "hookpoint": hookpoint, "tokens_seen": 0, "metrics": {}}
+    meta = checkpoint.CheckpointMeta(model=str(model_dir), hookpoint=hookpoint, sae=sae.cfg)
     return checkpoint.save_checkpoint(Path(out_dir), sae, meta)
 
 

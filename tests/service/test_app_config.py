@@ -12,6 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from saescope.service import wire_limits
 from saescope.service.config import ConfigError, load_app_config
+from saescope.training import default_sae
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "training" / "saescope" / "configs"  # shipped as package data
@@ -40,8 +41,9 @@ def test_default_config_serves_the_default_sae() -> None:
     raw = yaml.safe_load((CONFIG_DIR / "serve-default.yaml").read_text())
     cfg = load_app_config(raw["applications"][0]["args"])
     assert cfg.model == "default" and raw["grpc_options"]["port"] == 9000
-    path = cfg.sae_paths["smollm2-135m-l15-relu"]
-    assert path.is_absolute() and path.parts[-2:] == ("saes", "smollm2-135m-l15-relu")
+    # `path: default` is the SAE shipped in the package
+    path = cfg.sae_paths["smollm2-135m-l15-topk"]
+    assert path == default_sae.shipped_dir() and (path / "saescope.json").is_file()
 
 
 @pytest.mark.parametrize(

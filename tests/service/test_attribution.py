@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def _biased(src: Path, dst: Path, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.b_dec.copy_(0.02 * torch.randn(sae.b_dec.shape, generator=gen))
-    return checkpoint.save_checkpoint(dst, sae, meta | {"skip_first_positions": 1})
+    return checkpoint.save_checkpoint(dst, sae, replace(meta, skip_first_positions=1))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def _shrunk(src: Path, dst: Path, c: float) -> Path:
     with torch.no_grad():
         sae.W_enc.mul_(c)
         sae.b_enc.mul_(c)
-    return checkpoint.save_checkpoint(dst, sae, meta | {"skip_first_positions": 1})
+    return checkpoint.save_checkpoint(dst, sae, replace(meta, skip_first_positions=1))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ contrast search end to end, and the errors users can cause."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -55,13 +57,13 @@ def test_startup_errors_name_the_sae(engine: Engine, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"saes\['x'\]"):
         load_saes(model, {"x": tmp_path / "missing"}, device=cpu)
     narrow = SAE(SAEConfig(d_in=32, d_sae=8))
-    checkpoint.save_checkpoint(
-        tmp_path / "n", narrow, {"model": "m", "hookpoint": "model.layers.1"}
-    )
+    meta = checkpoint.CheckpointMeta(model="m", hookpoint="model.layers.1", sae=narrow.cfg)
+    checkpoint.save_checkpoint(tmp_path / "n", narrow, meta)
     with pytest.raises(ValueError, match=r"saes\['n'\]: d_in = 32"):
         load_saes(model, {"n": tmp_path / "n"}, device=cpu)
     wide = SAE(SAEConfig(d_in=64, d_sae=8))
-    checkpoint.save_checkpoint(tmp_path / "d", wide, {"model": "m", "hookpoint": "model.layers.9"})
+    meta = checkpoint.CheckpointMeta(model="m", hookpoint="model.layers.9", sae=wide.cfg)
+    checkpoint.save_checkpoint(tmp_path / "d", wide, meta)
     with pytest.raises(ValueError, match=r"saes\['d'\]: hookpoint"):
         load_saes(model, {"d": tmp_path / "d"}, device=cpu)
 
@@ -171,7 +173,8 @@ def test_activation_summaries(engine: Engine) -> None:
 
 def test_activations_flag_positions_out_of_distribution(engine: Engine, monkeypatch) -> None:
     """Per token, the positions the SAE's checkpoint rules leave out are flagged."""
-    monkeypatch.setitem(engine.rt.saes["main"].meta, "skip_first_positions", 2)
+    main = engine.rt.saes["main"]
+    monkeypatch.setattr(main, "meta", replace(main.meta, skip_first_positions=2))
     p = engine.activations(t.ActivationsRequest(prompts=[t.Prompt(text=TEXT)])).prompts[0]
     assert len(p.out_of_distribution) == len(p.tokens) > 2
     assert p.out_of_distribution[:2] == [True, True] and not any(p.out_of_distribution[2:])
@@ -397,7 +400,8 @@ def test_aggregation_leaves_out_specials_sink_and_outliers() -> None:
     from saescope.service.runtime import LoadedSae
 
     sae = SAE(SAEConfig(4, 8))
-    meta = {"skip_first_positions": 1, "outlier_norm_factor": 10.0}
+    plain_meta = checkpoint.CheckpointMeta(model="m", hookpoint="model.layers.0", sae=sae.cfg)
+    meta = replace(plain_meta, skip_first_positions=1, outlier_norm_factor=10.0)
     ls = LoadedSae("s", sae, "model.layers.0", 0, meta, None)
     x = torch.ones(6, 4)
     x[0] *= 500.0  # the attention sink at position 0
@@ -409,7 +413,7 @@ def test_aggregation_leaves_out_specials_sink_and_outliers() -> None:
     assert ls.out_of_distribution(x, special).tolist() == [True, False, False, False, True, False]
     assert ls.aggregation_mask(x, special, include_special=True).all()
     # an SAE whose checkpoint records no such rules leaves out only the special tokens
-    plain = LoadedSae("p", sae, "model.layers.0", 0, {}, None)
+    plain = LoadedSae("p", sae, "model.layers.0", 0, plain_meta, None)
     assert not plain.out_of_distribution(x, special).any()
     assert plain.aggregation_mask(x, special, False).tolist() == [
         True,

@@ -201,7 +201,7 @@ def test_features_equal_the_library_encode(kind: str, tmp_path: Path) -> None:
     assert ls.hookpoint == HOOK and ls.layer == 1
     info = ls.info()
     want_origin = "sparsify" if kind == "sparsify" else "saelens"
-    assert (info.origin, info.architecture, ls.meta["feature_units"]) == (want_origin, arch, units)
+    assert (info.origin, info.architecture, ls.meta.feature_units) == (want_origin, arch, units)
     x, _ = residuals(tiny_setup().model_dir, HOOK, (TEXT,))
     x = torch.cat([x, x + torch.randn(x.shape, generator=torch.Generator().manual_seed(7))])
     with torch.no_grad():
@@ -319,7 +319,7 @@ def test_our_export_is_read_as_saelens_without_our_metadata(tmp_path: Path) -> N
         sae.b_enc.fill_(-0.05)
         sae.b_dec.normal_(generator=torch.Generator().manual_seed(9))
         sae.threshold.fill_(0.02)
-    meta = {"model": "tiny-llama", "hookpoint": HOOK}
+    meta = checkpoint.CheckpointMeta(model="tiny-llama", hookpoint=HOOK, sae=sae.cfg)
     folder = checkpoint.save_checkpoint(tmp_path / "ours", sae, meta)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"

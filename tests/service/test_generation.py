@@ -372,7 +372,7 @@ def test_default_model_end_to_end(tmp_path, default_model_dir) -> None:
     sae.init_weights(torch.Generator().manual_seed(0), dec_norm=1.0)
     with torch.no_grad():
         sae.W_enc.mul_(0.05)
-    meta = {"model": "default", "hookpoint": "model.layers.15"}
+    meta = checkpoint.CheckpointMeta(model="default", hookpoint="model.layers.15", sae=sae.cfg)
     path = checkpoint.save_checkpoint(tmp_path / "sae", sae, meta)
     engine = Engine("default", {"r": path}, device="cpu", limits=t.Limits(max_features=256))
     try:

@@ -45,7 +45,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
             if sae.arch.extra:
                 sae.threshold.fill_(0.1)
         out = tmp_path_factory.mktemp(name)
-        meta = {"model": str(setup.model_dir), "hookpoint": HOOK, "metrics": {}}
+        meta = checkpoint.CheckpointMeta(model=str(setup.model_dir), hookpoint=HOOK, sae=cfg)
         paths[name] = checkpoint.save_checkpoint(out / "sae", sae.export(scale), meta)
     return Engine(
         str(setup.model_dir),

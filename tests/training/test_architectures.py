@@ -184,7 +184,9 @@ def test_each_architecture_trains(architecture: str) -> None:
 
 
 def write(path: Path, sae: SAE, scale: float = 0.37) -> Path:
-    meta = {"model": "m", "hookpoint": "model.layers.1", "context_size": 16, "scale": scale}
+    meta = checkpoint.CheckpointMeta(
+        model="m", hookpoint="model.layers.1", sae=sae.cfg, context_size=16, scale=scale
+    )
     return checkpoint.save_checkpoint(path, sae.export(scale), meta)
 
 
@@ -207,7 +209,7 @@ def test_export_and_checkpoint_round_trip(architecture: str, tmp_path: Path) -> 
     sae = trained_looking(architecture)
     x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(2)) / 0.37  # model units
     loaded, meta = checkpoint.load_sae(write(tmp_path / "ck", sae))
-    assert loaded.cfg == sae.cfg and meta["sae"]["options"] == sae.cfg.options
+    assert loaded.cfg == sae.cfg and meta.sae.options == sae.cfg.options
     with torch.no_grad():
         exported = sae.export(0.37)
         torch.testing.assert_close(loaded.encode(x), exported.encode(x), atol=0, rtol=0)

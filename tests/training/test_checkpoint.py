@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from saescope.training import checkpoint
 from saescope.training.config import TrainConfig, load_config
 from saescope.training.run import CHECKPOINTS, FINAL, read_metrics, resume_config, train
+from saescope.training.sae import SAE, SAEConfig
 
 
 class Killed(Exception):
@@ -126,12 +127,16 @@ def test_a_checkpoint_holds_what_serving_and_resuming_need(finished: Path) -> No
     final = finished / FINAL
     sae, meta = checkpoint.load_sae(final)
     assert (sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.architecture) == (64, 128, "relu")
-    assert meta["hookpoint"] == "model.layers.2" and meta["prepend_bos"] is False
-    assert meta["tokens_seen"] == 1280 and meta["steps"] == 20 and meta["scale"] > 0
-    assert meta["config"]["train"]["lr"] == 1e-3 and meta["context_size"] == 32
-    assert {"loss", "mse", "fvu", "l0", "dead_frac", "lr", "l1_coefficient"} <= meta[
-        "metrics"
-    ].keys()
+    assert meta.hookpoint == "model.layers.2" and meta.prepend_bos is False
+    assert meta.tokens_seen == 1280 and meta.steps == 20 and meta.scale and meta.scale > 0
+    assert meta.config and meta.config["train"]["lr"] == 1e-3
+    assert {"loss", "mse", "fvu", "l0", "dead_frac", "lr", "l1_coefficient"} <= meta.metrics.keys()
+    # each data rule once, at the top, as the run's config set it
+    cfg = TrainConfig.model_validate(meta.config)
+    assert meta.sae == sae.cfg and meta.origin == "saescope"
+    assert meta.dataset == cfg.data.source and meta.context_size == cfg.activations.context_size
+    assert meta.skip_first_positions == cfg.activations.skip_first_positions == 1
+    assert meta.outlier_norm_factor == cfg.activations.outlier_norm_factor
     sparsity = load_file(final / checkpoint.SPARSITY_FILE)["sparsity"]
     assert sparsity.shape == (128,) and bool((sparsity <= 0).all())
     _, state = checkpoint.load_training_state(final)
@@ -268,3 +273,92 @@ def test_a_sae_lens_folder_is_refused_by_name(tmp_path: Path) -> None:
     (folder / "sae_weights.safetensors").write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match="a SAELens or sparsify SAE"):
         checkpoint.load_sae(folder)
+
+
+# ---- the metadata record -------------------------------------------------------------------------
+def a_meta() -> checkpoint.CheckpointMeta:
+    return checkpoint.CheckpointMeta(
+        model="m",
+        hookpoint="model.layers.3",
+        sae=SAEConfig(d_in=16, d_sae=64, architecture="topk", k=4),
+        tokens_seen=4096,
+        steps=64,
+        scale=0.5,
+        metrics={"fvu": 0.25, "l0": 4.0, "step": 64},
+        config={"activations": {"context_size": 64}, "data": {"source": "default"}},
+        dataset="default",
+        context_size=64,
+        skip_first_positions=1,
+        outlier_norm_factor=10.0,
+        files={checkpoint.WEIGHTS_FILE: "0" * 64},
+    )
+
+
+def test_metadata_round_trips_through_json() -> None:
+    meta = a_meta()
+    obj = json.loads(json.dumps(meta.to_json()))
+    assert obj["format_version"] == checkpoint.FORMAT_VERSION and obj["sae"]["k"] == 4
+    assert checkpoint.CheckpointMeta.from_json(obj, "ck") == meta
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("context_size", "x", "context_size: expected an int, got 'x'"),
+        ("tokens_seen", 1.5, "tokens_seen: expected an int, got 1.5"),
+        ("model", None, "model: missing"),
+        ("scale", "big", "scale: expected a number, got 'big'"),
+        ("prepend_bos", 1, "prepend_bos: expected a bool, got 1"),
+        ("metrics", {"fvu": "low"}, "metrics['fvu']: expected a number, got 'low'"),
+        ("files", [], "files: expected an object, got []"),
+        ("origin", "elsewhere", "origin: expected one of saescope, saelens, sparsify"),
+        ("sae", {"d_in": 16}, "sae: "),
+    ],
+)
+def test_a_bad_field_is_named(field: str, value: Any, needle: str) -> None:
+    obj = a_meta().to_json() | {field: value}
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.CheckpointMeta.from_json(obj, "DIR")
+    assert str(e.value).startswith(f"checkpoint: DIR: {checkpoint.META_FILE} {needle}")
+
+
+def test_an_unknown_format_version_is_refused() -> None:
+    obj = a_meta().to_json() | {"format_version": 2}
+    with pytest.raises(checkpoint.CheckpointError, match="format_version 2"):
+        checkpoint.CheckpointMeta.from_json(obj, "DIR")
+
+
+def test_older_metadata_reads_its_facts_from_the_training_config() -> None:
+    """Older files: ``tokens`` for ``tokens_seen``, the data rules only in config.activations."""
+    old: dict[str, Any] = {
+        "format_version": 1,
+        "model": "m",
+        "hookpoint": "model.layers.3",
+        "sae": {"d_in": 16, "d_sae": 64, "architecture": "relu", "k": None},
+        "tokens": 2048,
+        "config": {
+            "activations": {
+                "context_size": 256,
+                "skip_first_positions": 1,
+                "outlier_norm_factor": 10.0,
+                "prepend_bos": True,
+            }
+        },
+        "outlier_norm_factor": None,  # absent at the top: the config's counts
+    }
+    meta = checkpoint.CheckpointMeta.from_json(old, "old")
+    assert (meta.tokens_seen, meta.context_size, meta.skip_first_positions) == (2048, 256, 1)
+    assert meta.outlier_norm_factor == 10.0 and meta.prepend_bos is True
+    assert (meta.steps, meta.scale, meta.metrics, meta.files) == (0, None, {}, {})
+    assert meta.origin == "saescope" and meta.feature_units == "decoder_norm"
+    old["config"]["activations"]["context_size"] = "x"
+    with pytest.raises(checkpoint.CheckpointError, match=r"config\.activations\.context_size"):
+        checkpoint.CheckpointMeta.from_json(old, "old")
+    # a fact at the top wins
+    assert checkpoint.CheckpointMeta.from_json(old | {"context_size": 32}, "old").context_size == 32
+
+
+def test_save_refuses_metadata_of_another_sae(tmp_path: Path) -> None:
+    sae = SAE(SAEConfig(d_in=16, d_sae=32))
+    with pytest.raises(ValueError, match=r"meta\.sae"):
+        checkpoint.save_checkpoint(tmp_path / "ck", sae, a_meta())

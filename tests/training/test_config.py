@@ -79,7 +79,12 @@ def test_shipped_configs_are_found_by_name_and_validate() -> None:
     from saescope.cli import presets
 
     train_configs = [n for n in presets.names() if not n.startswith("serve-")]
-    assert set(train_configs) == {"smollm2-135m-cpu", "smollm2-135m-gpu", "tiny-test"}
+    assert set(train_configs) == {
+        "smollm2-135m-cpu",
+        "smollm2-135m-gpu",
+        "smollm2-135m-l15-topk",
+        "tiny-test",
+    }
     for name in train_configs:
         path = presets.resolve(name)
         assert path == presets.resolve(f"{name}.yaml") and path.is_file()
@@ -132,7 +137,7 @@ def test_cli_trains_a_checkpoint_sae_lens_loads(
     theirs = sae_lens.SAE.load_from_disk(str(out / "final"), device="cpu")
     x = torch.randn(16, ours.cfg.d_in) * 3
     assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
-    layer = meta["hookpoint"].rsplit(".", 1)[1]
+    layer = meta.hookpoint.rsplit(".", 1)[1]
     assert theirs.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
 
     assert main(["train", "--resume", str(out)]) == 2  # finished: nothing to resume

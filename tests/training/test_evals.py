@@ -301,10 +301,10 @@ def test_report_files(tiny: tuple[Any, Any], tmp_path: Path) -> None:
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def save(path: Path, sae: SAE, model_dir: Path, **meta: Any) -> Path:
-    return checkpoint.save_checkpoint(
-        path, sae, {"model": str(model_dir), "hookpoint": HOOK, "context_size": 32, **meta}
-    )
+def save(path: Path, sae: SAE, model_dir: Path, **facts: Any) -> Path:
+    given = {"model": str(model_dir), "hookpoint": HOOK, "context_size": 32, **facts}
+    meta = checkpoint.CheckpointMeta(sae=sae.cfg, **given)
+    return checkpoint.save_checkpoint(path, sae, meta)
 
 
 @pytest.fixture

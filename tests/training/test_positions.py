@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from saescope.training import positions
+from saescope.training.meta import CheckpointMeta
 from saescope.training.positions import Rules
+from saescope.training.sae import SAEConfig
 
 
 def test_eligible_leaves_out_padding_special_tokens_and_the_first_positions() -> None:
@@ -35,11 +39,15 @@ def test_out_of_distribution_for_a_served_prompt() -> None:
     special = torch.tensor([False, True, False, False, False])
     got = positions.out_of_distribution(x, special, Rules(skip_first=1, outlier_norm_factor=10.0))
     assert got.tolist() == [True, True, False, False, True]
-    plain = positions.out_of_distribution(x, special, positions.rules_of({}))
+    plain = positions.out_of_distribution(x, special, positions.rules_of(meta()))
     assert not plain.any()  # a checkpoint without the rules skips nothing
 
 
+def meta(**facts: Any) -> CheckpointMeta:
+    return CheckpointMeta(model="m", hookpoint="model.layers.0", sae=SAEConfig(4, 8), **facts)
+
+
 def test_rules_from_checkpoint_metadata() -> None:
-    meta = {"skip_first_positions": 2, "outlier_norm_factor": 8}
-    assert positions.rules_of(meta) == Rules(skip_first=2, outlier_norm_factor=8.0)
-    assert positions.rules_of({"outlier_norm_factor": None}) == Rules(0, None)
+    got = positions.rules_of(meta(skip_first_positions=2, outlier_norm_factor=8.0))
+    assert got == Rules(skip_first=2, outlier_norm_factor=8.0)
+    assert positions.rules_of(meta(outlier_norm_factor=None)) == Rules(0, None)

@@ -30,7 +30,9 @@ def write(path: Path, architecture: str, *, seed: int = 0) -> Path:
     with torch.no_grad():
         sae.b_enc.copy_(0.05 * torch.randn(D_SAE, generator=g))
         sae.b_dec.copy_(0.3 * torch.randn(D_IN, generator=g))
-    meta = {"model": MODEL, "hookpoint": HOOK, "context_size": 128, "scale": 0.37}
+    meta = checkpoint.CheckpointMeta(
+        model=MODEL, hookpoint=HOOK, sae=sae.cfg, context_size=128, scale=0.37
+    )
     density = torch.rand(D_SAE, generator=g)
     return checkpoint.save_checkpoint(path, sae.export(0.37), meta, sparsity=density.log10())
 

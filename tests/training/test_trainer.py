@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from saescope.training.checkpoint import load_training_state, save_checkpoint
+from saescope.training.checkpoint import CheckpointMeta, load_training_state, save_checkpoint
 from saescope.training.config import TrainSection
 from saescope.training.metrics import FeatureStats, MetricsWindow
 from saescope.training.sae import SAE, SAEConfig
@@ -182,7 +182,7 @@ def test_resume_through_a_checkpoint_is_exact(architecture: str, tmp_path: Path)
     save_checkpoint(
         tmp_path / "ck",
         first.sae.export(first.scale or 1.0),
-        {"model": "synthetic", "hookpoint": "none"},
+        CheckpointMeta(model="synthetic", hookpoint="none", sae=first.sae.cfg),
         state_tensors=tensors,
         state_json=state,
     )

@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 
 # name of the module under saescope.cli for each group of sub-commands, in help order
-COMMAND_MODULES = ("train", "evaluate", "serve", "query", "steer_eval", "fetch", "configs")
+COMMAND_MODULES = (
+    "train",
+    "evaluate",
+    "catalog",
+    "serve",
+    "query",
+    "steer_eval",
+    "fetch",
+    "configs",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,9 @@ streamed text) or scripts (``--json``).
     saescope query steer "My favourite food is" --clamp 123=8 --baseline
     saescope query steer "My favourite food is" --clamp 123=8 --when '77>2.5'
     saescope query contrast --positive-file french.txt --negative-file english.txt
-    saescope query feature 123
+    saescope query feature 123 --examples 5
+    saescope query features --max-density 0.01 --label ocean
+    saescope query search "ocean"
     saescope query attribute "The Eiffel Tower is in" --target-text " Paris"
 
 Imports only ``saescope.client`` (grpcio + protobuf), never torch or ray. Errors print
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from saescope.cli import query_output as out
-from saescope.client import Client, Intervention, SaescopeError, TokenEvent, inputs
+from saescope.client import Client, FeaturePage, Intervention, SaescopeError, TokenEvent, inputs
 from saescope.client._channel import DEFAULT_TIMEOUT, ENV_API_KEY, ENV_TARGET
 from saescope.client.inputs import AGGREGATIONS, MODES, ORDERS, SCOPES, ChatMessage, PromptLike
 
@@ -153,6 +155,25 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-logits", type=int, default=10)
     p.add_argument("--neighbours", type=int, default=10)
     p.add_argument("--direction", action="store_true", help="include the decoder direction")
+    p.add_argument("--examples", type=int, default=None, help="top examples per page (catalog)")
+    p.add_argument("--examples-page-token", default="", metavar="TOKEN", help="the next page")
+    p.add_argument(
+        "--quantile-examples", type=int, default=None, metavar="N", help="examples per bin"
+    )
+
+    p = command("features", _features, "list features with their labels (needs a catalog)")
+    _sae_option(p)
+    p.add_argument("--min-density", type=float, default=None, metavar="D", help="e.g. 0.0001")
+    p.add_argument("--max-density", type=float, default=None, metavar="D", help="e.g. 0.01")
+    p.add_argument("--label", default="", help="label contains this text (case-insensitive)")
+    p.add_argument("--page-size", type=int, default=None, help="features per page (default 50)")
+    p.add_argument("--page-token", default="", metavar="TOKEN", help="the next page")
+    p.add_argument("--all", action="store_true", help="every page (with --json: JSON lines)")
+
+    p = command("search", _search, "features for a text: by label and context, and by firing")
+    p.add_argument("query", metavar="TEXT")
+    _sae_option(p)
+    p.add_argument("--top-n", type=int, default=None, help="hits (default 10)")
 
     p = command("attribute", _attribute, "which features make the model predict a token")
     _prompt_options(p, many=False)
@@ -438,8 +459,37 @@ def _feature(client: Client, args: argparse.Namespace) -> None:
         top_logits=args.top_logits,
         neighbours=args.neighbours,
         direction=args.direction,
+        examples=args.examples,
+        examples_page_token=args.examples_page_token,
+        quantile_examples=args.quantile_examples,
     )
     out.emit(args, result, lambda: out.feature(result))
+
+
+def _features(client: Client, args: argparse.Namespace) -> None:
+    filters: dict[str, Any] = dict(
+        sae_id=args.sae_id,
+        page_size=args.page_size,
+        min_density=args.min_density,
+        max_density=args.max_density,
+        label=args.label,
+    )
+    if not args.all:
+        page = client.list_features(page_token=args.page_token, **filters)
+        out.emit(args, page, lambda: out.feature_page(page))
+        return
+    summaries = client.iter_features(**filters)
+    if args.json:
+        for s in summaries:
+            print(json.dumps(s.to_dict(), ensure_ascii=False))
+        return
+    listed = list(summaries)
+    out.feature_page(FeaturePage(args.sae_id or "", listed, "", len(listed)))
+
+
+def _search(client: Client, args: argparse.Namespace) -> None:
+    result = client.search_features(args.query, sae_id=args.sae_id, top_n=args.top_n)
+    out.emit(args, result, lambda: out.search(result))
 
 
 def _attribute(client: Client, args: argparse.Namespace) -> None:

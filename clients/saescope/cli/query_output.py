@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -14,13 +15,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from saescope.client import (
+    ActivatingExample,
     Activations,
     Attribution,
     Completion,
     ContrastHit,
     ContrastResult,
     Feature,
+    FeatureLabel,
+    FeaturePage,
+    FeatureSearch,
     GenerationResult,
+    Histogram,
     Info,
     Token,
     Tokenization,
@@ -117,13 +123,17 @@ def tokenization(result: Tokenization) -> None:
     print(_dim(f"{len(result.tokens)} tokens"))
 
 
-def _example(tokens: Sequence[Token], values: Sequence[float]) -> str:
-    """A text with its tokens highlighted by ``values``; without colour, the strongest token
-    in [brackets] and newlines made visible."""
+def _example(x: ActivatingExample) -> str:
+    """An example's text with its tokens shaded by the feature's value and the token where it
+    peaks in bold; without colour, that token in «brackets». Newlines made visible."""
     if _colour():
-        return _highlighted(tokens, values).replace("\n", "↵")
-    peak = max(range(len(values)), key=values.__getitem__, default=-1)
-    text = "".join(f"[{t.text}]" if i == peak else t.text for i, t in enumerate(tokens))
+        peak = max(x.values, default=0.0) or 1.0
+        parts = [
+            _highlight(_bold(t.text) if i == x.max_position else t.text, v / peak)
+            for i, (t, v) in enumerate(zip(x.tokens, x.values, strict=True))
+        ]
+        return "".join(parts).replace("\n", "↵")
+    text = "".join(f"«{t.text}»" if i == x.max_position else t.text for i, t in enumerate(x.tokens))
     return text.replace("\n", "↵")
 
 
@@ -313,10 +323,103 @@ def feature(result: Feature) -> None:
     if result.nearest:
         near = " · ".join(f"{x.feature} ({x.cosine:.2f})" for x in result.nearest)
         print(f"  {_bold('nearest')}: {near}")
-    for x in result.top_examples:
-        print(f"  {x.max_value:6.2f}  {_example(x.tokens, x.values)}")
+    if result.label is not None:
+        _label(result.label)
+    if result.cofiring:
+        fires = " · ".join(f"{x.feature} ({x.cosine:.0%})" for x in result.cofiring)
+        print(f"  {_bold('fires with')}: {fires}")
+    if result.top_examples:
+        print(_bold("  top examples") + _dim(f" (of {result.catalog_tokens} catalog tokens)"))
+        for x in result.top_examples:
+            print(f"  {x.max_value:7.2f}  {_example(x)}")
+        if result.next_examples_page_token:
+            print(_dim(f"  more: --examples-page-token {result.next_examples_page_token}"))
+    for b in result.quantile_examples:
+        print(_bold(f"  values in [{b.lower:.2f}, {b.upper:.2f})"))
+        for x in b.examples:
+            print(f"  {x.max_value:7.2f}  {_example(x)}")
+        if not b.examples:
+            print(_dim("     (none)"))
+    if result.histogram is not None:
+        print(f"  {_bold('histogram')}: {histogram_summary(result.histogram)}")
     if result.direction is not None:
         print(_dim(f"  direction: {len(result.direction)} floats (use --json)"))
+
+
+def _label(label: FeatureLabel) -> None:
+    score = ""
+    if label.detection is not None:
+        d = label.detection
+        score = f"  (F1 {d.f1:.2f} · precision {d.precision:.2f} · recall {d.recall:.2f})"
+    print(f"  {_bold('label')}: {label.text or '(none)'}" + _dim(score))
+    if label.explanation:
+        print(f"  {_bold('explanation')}: {label.explanation}")
+    where = [
+        " · ".join(f"{k} {v:.0%}" for k, v in sorted(m.items(), key=lambda kv: -kv[1])[:3])
+        for m in (label.scripts, label.languages)
+        if m
+    ]
+    if where:
+        print(_dim(f"  fires in: {' | '.join(where)}"))
+
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def histogram_summary(h: Histogram) -> str:
+    """Firings, the range of values, and a sparkline of the counts (log-scaled)."""
+    total = h.total
+    if not total or len(h.edges) < 2:
+        return "never fired in the catalog"
+    logs = [math.log1p(c) for c in h.counts]
+    top = max(logs) or 1.0
+    spark = "".join(_BLOCKS[round(v / top * (len(_BLOCKS) - 1))] for v in logs)
+    return f"{total} firings · {h.edges[0]:.2f} {spark} {h.edges[-1]:.2f}+"
+
+
+# ---- listing and search -------------------------------------------------------------------
+def feature_page(result: FeaturePage) -> None:
+    rows = [
+        [
+            f.feature,
+            f"{f.density:.3%}",
+            f"{f.max_value:.2f}",
+            "-" if f.label_f1 is None else f"{f.label_f1:.2f}",
+            f.label or "-",
+        ]
+        for f in result.features
+    ]
+    if rows:
+        _table(["feature", "density", "max", "F1", "label"], rows)
+    else:
+        print("  (no feature passes the filters)")
+    print(_dim(f"{len(result.features)} of {result.total} features · SAE {result.sae_id}"))
+    if result.next_page_token:
+        print(_dim(f"more: --page-token {result.next_page_token} (or --all)"))
+
+
+def search(result: FeatureSearch) -> None:
+    def opt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = [
+        [
+            h.feature,
+            f"{h.score:.4f}",
+            h.matched,
+            opt(h.text_score),
+            opt(h.activation_score),
+            "-" if h.density is None else f"{h.density:.3%}",
+            h.label or "-",
+        ]
+        for h in result.hits
+    ]
+    if rows:
+        _table(["feature", "score", "matched", "text", "activation", "density", "label"], rows)
+    else:
+        print("  (no feature matched)")
+    if not result.has_catalog:
+        print(_dim(f"SAE {result.sae_id} has no catalog: activation matches only"))
 
 
 # ---- attribution --------------------------------------------------------------------------

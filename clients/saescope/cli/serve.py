@@ -4,9 +4,9 @@
 [--sae ID=PATH …]`` starts Ray on this machine, Serve with its gRPC proxy (and the HTTP proxy,
 for ``/-/healthz``), deploys the app, prints how to call it and serves until Ctrl-C. ``--config``
 takes a Serve config file or a shipped one by name (``serve-default``: the same document ``serve
-run`` and KubeRay take); flags override it. With no SAE configured, the default SAE is used,
-and trained first if absent (the shipped ``smollm2-135m-cpu``, once, minutes on a CPU). Ray and
-the service are imported inside the handler.
+run`` and KubeRay take); flags override it. With no SAE configured, the default SAE is served:
+the one shipped inside the package (``saescope.training.default_sae``), so nothing is trained.
+Ray and the service are imported inside the handler.
 
 Loopback unless told otherwise: the HTTP proxy binds ``--host`` (127.0.0.1 by default), and
 Serve's gRPC proxy listens on every interface but, without an API key, the service answers only
@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SAE_ID = "smollm2-135m-l15-relu"
+DEFAULT_SAE_ID = "smollm2-135m-l15-topk"  # saescope.training.default_sae.SAE_ID (no torch here)
 APP_NAME = "saescope"
 IMPORT_PATH = "saescope.service.app:build_app"
 SERVICER = "saescope.api.v1.saescope_pb2_grpc.add_SaeScopeServicer_to_server"
 # Run by Serve in its proxy after the servicer: makes cancelled streams reach the replica.
 PROXY_PATCH = "saescope.service.proxy_patch.install"
-TRAIN_CONFIG = "smollm2-135m-cpu"  # a shipped config (saescope.cli.presets)
 
 
 def register(sub: Any) -> None:
@@ -75,12 +72,6 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--num-gpus", type=float, help="GPUs per replica (default 0)")
     p.add_argument("--metrics-port", type=int, help="Ray's Prometheus metrics port")
-    p.add_argument(
-        "--train-config",
-        default=TRAIN_CONFIG,
-        metavar="NAME|FILE.yaml",
-        help="training config for the default SAE, when it must be trained (default %(default)s)",
-    )
     p.set_defaults(func=run)
 
 
@@ -167,12 +158,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if not app_args.get("saes"):
         if app_args.get("model", "default") != "default":
             raise ValueError("--sae: name an SAE for a model other than the default")
-        app_args["saes"] = [{"sae_id": DEFAULT_SAE_ID, "path": str(default_sae_dir())}]
-    for spec in app_args["saes"]:
-        # The default SAE named by path (as the shipped serve-default does) is built if absent.
-        path = Path(os.path.expandvars(str(spec.get("path", "")))).expanduser()
-        if spec.get("sae_id") == DEFAULT_SAE_ID and path == default_sae_dir():
-            ensure_default_sae(args.train_config)
+        app_args["saes"] = [{"sae_id": DEFAULT_SAE_ID, "path": "default"}]
     return _Plan(app_args, grpc_port, http_port, host)
 
 
@@ -230,53 +216,6 @@ def _read_serve_config(path: Path) -> tuple[dict[str, Any], int, int, str]:
         raise ValueError(f"--config: expected one application with import_path {IMPORT_PATH}")
     http = schema.http_options
     return dict(apps[0].args), schema.grpc_options.port, http.port, http.host
-
-
-# ---- the default SAE -------------------------------------------------------------------------
-def default_sae_dir() -> Path:
-    """``$SAESCOPE_CACHE/saes/smollm2-135m-l15-relu`` (``~/.cache/saescope`` by default)."""
-    from saescope.training.paths import default_cache_dir
-
-    return default_cache_dir() / "saes" / DEFAULT_SAE_ID
-
-
-def ensure_default_sae(train_config: str | Path) -> Path:
-    """The default SAE's checkpoint, trained once with ``train_config`` (a shipped config's name
-    or a file) if absent."""
-    from saescope.cli import presets
-    from saescope.training.atomic import atomic_directory
-
-    target = default_sae_dir()
-    if (target / "saescope.json").is_file():
-        return target
-    run_dir = target.parent.parent / "runs" / DEFAULT_SAE_ID
-    final = run_dir / "final"
-    if not (final / "saescope.json").is_file():
-        train_config = presets.resolve(train_config, "--train-config")
-        print(
-            f"saescope serve: no default SAE at {target}; training it with {train_config} "
-            "(once; this takes a while on a CPU)",
-            file=sys.stderr,
-        )
-        _train(train_config, run_dir)
-    # Copy into a temporary sibling, then rename: the SAE directory is complete or absent.
-    with atomic_directory(target) as tmp:
-        shutil.copytree(final, tmp, dirs_exist_ok=True)
-    return target
-
-
-def _train(config: Path, run_dir: Path) -> None:
-    resumable = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    cmd = [sys.executable, "-m", "saescope.cli", "train"]
-    if resumable:
-        cmd += ["--resume", str(run_dir)]
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd += ["--config", str(config), f"output.dir={run_dir}"]
-    # Inherit the terminal: the trainer's progress bar shows as it runs.
-    code = subprocess.call(cmd)
-    if code != 0:
-        raise RuntimeError(f"training the default SAE failed (exit {code}): {' '.join(cmd)}")
 
 
 def _print_usage(plan: _Plan) -> None:

@@ -18,7 +18,7 @@ outside it; one client belongs to one loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -28,6 +28,7 @@ from saescope.api.v1.saescope_pb2_grpc import SaeScopeStub
 from saescope.client.client import ClientBase
 from saescope.client.errors import from_rpc_error
 from saescope.client.methods import Call, Methods
+from saescope.client.results import FeatureSummary
 from saescope.client.streams import AsyncTokenStream
 
 _R = TypeVar("_R")
@@ -63,6 +64,17 @@ class AsyncClient(ClientBase, Methods):
         if self._channel is not None:
             await self._channel.close()
         self._channel = self._stub = None
+
+    async def iter_features(self, **filters: Any) -> AsyncIterator[FeatureSummary]:
+        """Every feature that passes ``list_features``' filters (same keywords, no
+        ``page_token``), fetching page after page as it is iterated (``async for``)."""
+        token = ""
+        while True:
+            page = await self.list_features(page_token=token, **filters)
+            for summary in page.features:
+                yield summary
+            if not (token := page.next_page_token):
+                return
 
     async def _invoke(self, build: Callable[[], Call[_R]]) -> _R:
         """Build the call, then make it, with retries of UNAVAILABLE inside its deadline."""

@@ -15,7 +15,7 @@ Calls raise ``saescope.client.SaescopeError`` subclasses, never ``grpc.RpcError`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from saescope.client._channel import (
 )
 from saescope.client.errors import from_rpc_error
 from saescope.client.methods import Call, Methods
+from saescope.client.results import FeatureSummary
 from saescope.client.streams import TokenStream
 
 _R = TypeVar("_R")
@@ -136,6 +137,16 @@ class Client(ClientBase, Methods):
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""
         self._channel.close()
+
+    def iter_features(self, **filters: Any) -> Iterator[FeatureSummary]:
+        """Every feature that passes ``list_features``' filters (same keywords, no
+        ``page_token``), fetching page after page as it is iterated."""
+        token = ""
+        while True:
+            page = self.list_features(page_token=token, **filters)
+            yield from page.features
+            if not (token := page.next_page_token):
+                return
 
     def _invoke(self, build: Callable[[], Call[_R]]) -> _R:
         """Build the call, then make it, with retries of UNAVAILABLE inside its deadline."""

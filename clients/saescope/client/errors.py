@@ -68,6 +68,12 @@ class OutOfRange(_FieldError):
     default_code = "OUT_OF_RANGE"
 
 
+class FailedPrecondition(SaescopeError):
+    """The call needs something the server does not have (e.g. a feature catalog)."""
+
+    default_code = "FAILED_PRECONDITION"
+
+
 class ResourceExhausted(SaescopeError):
     """The service's queues are full (or a message exceeded a size limit); try again later."""
 
@@ -133,6 +139,7 @@ _CLASS_BY_CODE: dict[str, type[SaescopeError]] = {
         InvalidArgument,
         NotFound,
         OutOfRange,
+        FailedPrecondition,
         ResourceExhausted,
         DeadlineExceeded,
         Unauthenticated,

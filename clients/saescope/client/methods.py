@@ -34,6 +34,8 @@ from saescope.client.results import (
     Attribution,
     ContrastResult,
     Feature,
+    FeaturePage,
+    FeatureSearch,
     GenerationResult,
     Info,
     Tokenization,
@@ -305,18 +307,85 @@ class Methods:
         top_logits: int = 10,
         neighbours: int = 10,
         direction: bool = False,
+        examples: int | None = None,
+        examples_page_token: str = "",
+        quantile_examples: int | None = None,
         timeout: float | None = None,
     ) -> Call[Feature]:
         """One feature: decoder statistics, density, promoted/suppressed output tokens, nearest
-        features, top activating examples (where a catalog exists), and its ``direction``."""
+        features and its ``direction``; where the SAE has a catalog, also its label, top
+        activating examples (a page), examples per activation-quantile bin, its activation
+        histogram and the features that fire with it.
+
+        Args:
+            examples: Top examples per page (default: the service's, 10).
+            examples_page_token: ``next_examples_page_token`` of the previous page.
+            quantile_examples: Examples per quantile bin (default: all the catalog holds).
+        """
         request = pb.GetFeatureRequest(
             sae_id=sae_id or "",
             feature=feature_id,
             top_logits=top_logits,
             neighbours=neighbours,
             include_direction=direction,
+            examples_page_size=examples or 0,
+            examples_page_token=examples_page_token,
+            quantile_examples=quantile_examples or 0,
         )
         return _by_shape("GetFeature", request, Feature, timeout)
+
+    @rpc
+    def list_features(
+        self,
+        *,
+        sae_id: str | None = None,
+        page_size: int | None = None,
+        page_token: str = "",
+        min_density: float | None = None,
+        max_density: float | None = None,
+        label: str = "",
+        timeout: float | None = None,
+    ) -> Call[FeaturePage]:
+        """One page of the SAE's features with their labels and densities, from its catalog
+        (``FailedPrecondition`` without one). ``iter_features`` walks every page.
+
+        Args:
+            page_size: Features per page (default: the service's, 50).
+            page_token: ``next_page_token`` of the previous page.
+            min_density, max_density: Keep features whose density lies between them.
+            label: Keep features whose label contains this text (case-insensitive).
+        """
+        request = pb.ListFeaturesRequest(
+            sae_id=sae_id or "",
+            page_size=page_size or 0,
+            page_token=page_token,
+            label_contains=label,
+        )
+        if min_density is not None:
+            request.min_density = min_density
+        if max_density is not None:
+            request.max_density = max_density
+        return _by_shape("ListFeatures", request, FeaturePage, timeout)
+
+    @rpc
+    def search_features(
+        self,
+        query: str,
+        *,
+        sae_id: str | None = None,
+        top_n: int | None = None,
+        timeout: float | None = None,
+    ) -> Call[FeatureSearch]:
+        """Features for a text query: those whose labels and example contexts match it (BM25,
+        needs a catalog) and those that fire most on ``query`` itself, fused by rank; each
+        hit says which ``matched`` (``"text"``, ``"activation"`` or ``"both"``).
+
+        Args:
+            query: The text, e.g. ``"ocean"``.
+            top_n: Hits to return (default: the service's, 10).
+        """
+        request = pb.SearchFeaturesRequest(sae_id=sae_id or "", query=query, top_n=top_n or 0)
+        return _by_shape("SearchFeatures", request, FeatureSearch, timeout)
 
     @rpc
     def attribute(

@@ -83,7 +83,8 @@ class SaeInfo(_Result):
     """Training and evaluation metrics (L0, FVU, dead fraction, ...)."""
     tokens_seen: int
     has_catalog: bool = False
-    """Whether ``feature()`` returns top activating examples."""
+    """Whether the SAE has a feature catalog: ``feature()`` returns its label and examples,
+    ``list_features()`` answers, and ``search_features()`` matches labels too."""
     origin: str = "saescope"
     """Which library wrote the SAE: ``"saescope"``, ``"saelens"`` or ``"sparsify"``."""
 
@@ -401,11 +402,72 @@ class Neighbour(_Result):
 
 @dataclass(frozen=True)
 class ActivatingExample(_Result):
-    """A text where the feature fires strongly, with its value at each token."""
+    """A text where the feature fires, with its value at each token (from the catalog: to
+    1/255 of ``max_value``)."""
 
     tokens: list[Token]
     values: list[float]
     max_value: float
+    max_position: int = 0
+    """Index in ``tokens`` of the token where the feature takes ``max_value``."""
+
+    @property
+    def max_token(self) -> Token:
+        """The token where the feature fires most."""
+        return self.tokens[self.max_position]
+
+
+@dataclass(frozen=True)
+class QuantileBin(_Result):
+    """Examples whose value lies in ``[lower, upper)`` (the last bin: everything above)."""
+
+    lower: float
+    upper: float
+    examples: list[ActivatingExample]
+
+
+@dataclass(frozen=True)
+class Histogram(_Result):
+    """A feature's nonzero values over the catalog's tokens: ``counts[i]`` in
+    ``[edges[i], edges[i+1])`` (the last bin includes values above the last edge)."""
+
+    edges: list[float]
+    counts: list[int]
+
+    @property
+    def total(self) -> int:
+        """Tokens where the feature fired."""
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class DetectionScore(_Result):
+    """How well a label's evidence predicts where the feature fires (held-out contexts)."""
+
+    f1: float
+    precision: float
+    recall: float
+    balanced_accuracy: float
+    positives: int
+    negatives: int
+
+
+@dataclass(frozen=True)
+class FeatureLabel(_Result):
+    """A feature's label: its characteristic tokens and n-grams (log-odds against the catalog's
+    text), the scripts and languages it fires in, and how well that predicts it."""
+
+    text: str
+    """Short text, e.g. ``"ocean · sea · waves"``; empty for a feature that never fired."""
+    tokens: list[TokenScore]
+    ngrams: list[TokenScore]
+    """``score``: log-odds; ``id``: 0 (n-grams are text)."""
+    scripts: dict[str, float]
+    languages: dict[str, float]
+    detection: DetectionScore | None = None
+    """None when the held-out contexts had too few firings to score."""
+    explanation: str = ""
+    """An LLM's explanation, when the catalog was built with an explainer."""
 
 
 @dataclass(frozen=True)
@@ -424,8 +486,19 @@ class Feature(_Result):
     suppressed: list[TokenScore]
     nearest: list[Neighbour]
     top_examples: list[ActivatingExample]
+    """One page of the strongest examples (catalog only), strongest first."""
     direction: list[float] | None
     """The unit decoder direction (d_in floats), when ``direction=True``."""
+    next_examples_page_token: str = ""
+    """Pass as ``examples_page_token=`` for the next page of ``top_examples``; empty: the last."""
+    quantile_examples: list[QuantileBin] = field(default_factory=list)
+    """Examples from activation-quantile bins, lowest bin first (catalog only)."""
+    histogram: Histogram | None = None
+    label: FeatureLabel | None = None
+    cofiring: list[Neighbour] = field(default_factory=list)
+    """Features that fire with it most; ``cosine`` is P(that one fires | this one fires)."""
+    catalog_tokens: int = 0
+    """Tokens the catalog was built over (0: no catalog)."""
 
     def to_numpy(self) -> np.ndarray:
         """``direction`` as a float32 array of shape (d_in,)."""
@@ -479,3 +552,74 @@ class Attribution(_Result):
     """The attribution of the positions the SAE does not read, whole."""
     total: float
     """Σ_t x(t)·g(t) = features_total + error + bias + skipped."""
+
+
+# ---- the catalog: listing and search ------------------------------------------------------
+Matched: TypeAlias = Literal["text", "activation", "both"]
+MATCHED: tuple[Matched, ...] = ("text", "activation", "both")
+"""Which half of a feature search found a hit: its label and contexts, its activation on the
+query, or both."""
+
+
+@dataclass(frozen=True)
+class FeatureSummary(_Result):
+    """One feature of a listing: its label and density from the catalog."""
+
+    feature: int
+    density: float
+    label: str
+    label_f1: float | None = None
+    """The label's detection F1 (None: unscored)."""
+    max_value: float = 0.0
+    """Its largest value in the catalog."""
+
+
+@dataclass(frozen=True)
+class FeaturePage(_Result):
+    """``Client.list_features()``: one page of features, in feature order."""
+
+    sae_id: str
+    features: list[FeatureSummary]
+    next_page_token: str
+    """Pass as ``page_token=`` for the next page; empty: the last page."""
+    total: int
+    """Features that pass the filters, over every page."""
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __iter__(self) -> Iterator[FeatureSummary]:
+        return iter(self.features)
+
+
+@dataclass(frozen=True)
+class SearchHit(_Result):
+    """A feature found by a text query, with what matched."""
+
+    feature: int
+    score: float
+    """Reciprocal-rank fusion of the two matches."""
+    text_score: float | None
+    """BM25 of the query against its label and example contexts (None: no match)."""
+    activation_score: float | None
+    """Its largest value on the query, over its catalog max where there is one (None: it did
+    not fire on the query)."""
+    matched: Matched
+    label: str = ""
+    density: float | None = None
+
+
+@dataclass(frozen=True)
+class FeatureSearch(_Result):
+    """``Client.search_features()``: features for a text query, best first."""
+
+    sae_id: str
+    hits: list[SearchHit]
+    has_catalog: bool
+    """Without a catalog, hits come from activation only."""
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __iter__(self) -> Iterator[SearchHit]:
+        return iter(self.hits)

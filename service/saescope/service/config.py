@@ -10,7 +10,8 @@ application ``args`` to ``saescope.service.app:build_app``, which validates them
         args:
           model: default
           saes:
-            - {sae_id: smollm2-135m-l15-relu, path: ~/.cache/saescope/saes/smollm2-135m-l15-relu}
+            - {sae_id: smollm2-135m-l15-topk, path: default}   # the SAE shipped in the package
+            - {sae_id: mine, path: ~/runs/mine/final}
           num_gpus: 0
 """
 
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from saescope.service import wire_limits
 from saescope.service.access import AccessPolicy
 from saescope.service.types import Limits
+from saescope.training import default_sae
 
 _SAE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -40,7 +42,8 @@ class SaeSpec(_Strict):
     sae_id: str
     """The name callers use for it (letters, digits, ``.``, ``_``, ``-``)."""
     path: str
-    """A saescope checkpoint, or a SAELens or sparsify folder; ``~`` and ``$VARS`` are expanded."""
+    """A saescope checkpoint, or a SAELens or sparsify folder; ``~`` and ``$VARS`` are expanded.
+    ``default``: the default SAE shipped in the package (``saescope.training.default_sae``)."""
 
     @field_validator("sae_id")
     @classmethod
@@ -53,7 +56,7 @@ class SaeSpec(_Strict):
 
     @property
     def resolved_path(self) -> Path:
-        return Path(os.path.expandvars(self.path)).expanduser()
+        return default_sae.resolve_sae_path(self.path)
 
 
 class LimitsConfig(_Strict):

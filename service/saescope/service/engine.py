@@ -3,7 +3,8 @@
 ``Engine`` implements ``types.EngineClient``, the interface the Ray Serve app calls: one method
 per RPC, on domain types (``types.py``). It validates (raising ``errors.*`` that name the
 field), then delegates: ``prompts`` (rendering and tokenisation), ``activations`` (forward +
-encode), ``contrast`` (statistics), ``features`` (GetFeature), ``attribution``
+encode), ``contrast`` (statistics), ``features`` (GetFeature), ``catalog`` (GetFeature's
+catalog fields, ListFeatures, SearchFeatures' text half), ``attribution``
 (AttributeFeatures: a forward and a backward), ``steering`` + ``sampling`` + ``generation``
 (steered decoding through the shared ``DecodeBatcher``). Model forwards take the
 runtime's FIFO lock; everything runs under ``torch.inference_mode()`` but attribution's
@@ -33,13 +34,16 @@ each encode (see ``runtime``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 from collections.abc import Iterator
 from pathlib import Path
 
-from saescope.service import activations, attribution, contrast, features, prompts
+import torch
+
+from saescope.service import activations, attribution, catalog, contrast, features, prompts
 from saescope.service.activations import ActivationsPart, ActivationsPlan
-from saescope.service.errors import OutOfRange, SaescopeError
+from saescope.service.errors import InvalidArgument, OutOfRange, SaescopeError
 from saescope.service.generation import DecodeBatcher, GenerationPlan
 from saescope.service.output_scores import output_scores
 from saescope.service.runtime import DTYPES, EngineObserver, ModelRuntime, NoObserver, load_saes
@@ -56,12 +60,17 @@ from saescope.service.types import (
     ContrastResult,
     EngineClient,
     Feature,
+    FeaturePage,
     FeatureRequest,
+    FeatureSearch,
     GenerateRequest,
     GenerationResult,
     Info,
     Limits,
+    ListFeaturesRequest,
+    Prompt,
     PromptActivations,
+    SearchFeaturesRequest,
     TokenEvent,
     Tokenization,
     TokenizeRequest,
@@ -106,22 +115,26 @@ class Engine(EngineClient):
         )
         device_ = next(lm.parameters()).device
         model_name = models.DEFAULT_MODEL_NAME if model == models.DEFAULT_MODEL else model
-        loaded = load_saes(lm, saes, device=device_, model_name=model_name)
-        if default_sae_id is None:
-            default_sae_id = next(iter(loaded), "")
-        elif default_sae_id not in loaded:
-            raise ValueError(f"default_sae_id: {default_sae_id!r} is not among the SAEs loaded")
         self.rt = ModelRuntime(
             model=lm,
             tokenizer=tokenizer,
             model_name=model_name,
             device=device_,
             dtype=DTYPES[dtype],
-            saes=loaded,
-            default_sae_id=default_sae_id,
+            saes={},
+            default_sae_id="",
             observer=observer if observer is not None else NoObserver(),
             sync_timing=metrics_sync_timing,
         )
+        loaded = load_saes(
+            lm, saes, device=device_, model_name=model_name, token_text=self.rt.token_text
+        )
+        if default_sae_id is None:
+            default_sae_id = next(iter(loaded), "")
+        elif default_sae_id not in loaded:
+            raise ValueError(f"default_sae_id: {default_sae_id!r} is not among the SAEs loaded")
+        self.rt.saes.update(loaded)
+        self.rt.default_sae_id = default_sae_id
         self.limits = limits
         self.prompt_limits = prompts.PromptLimits.of(
             tokenizer, limits.max_tokens_per_prompt, limits.max_tokens_per_call
@@ -274,11 +287,39 @@ class Engine(EngineClient):
             scorer=scorer,
         )
 
-    # ---- GetFeature ------------------------------------------------------------------------------
+    # ---- GetFeature, ListFeatures, SearchFeatures ------------------------------------------------
     def feature(self, req: FeatureRequest) -> Feature:
         ls = self.rt.get_sae(req.sae_id)
         top_logits, neighbours = features.validate_request(ls, req, self.limits)
-        return features.feature_info(self.rt, ls, req, top_logits, neighbours)
+        page, per_bin = catalog.validate_feature_request(req, self.limits)
+        result = features.feature_info(self.rt, ls, req, top_logits, neighbours)
+        if ls.catalog is None:
+            if req.examples_page_token:  # no pages exist: a token can only be a mistake
+                raise InvalidArgument("examples_page_token", "this SAE has no catalog to page")
+            return result
+        part = catalog.feature_part(
+            ls.catalog, req.feature, req.examples_page_token, page, per_bin, self.rt.token_text
+        )
+        return dataclasses.replace(result, **vars(part))
+
+    def list_features(self, req: ListFeaturesRequest) -> FeaturePage:
+        ls = self.rt.get_sae(req.sae_id)
+        return catalog.list_features(ls.sae_id, ls.catalog, req, self.limits)
+
+    def search_features(self, req: SearchFeaturesRequest) -> FeatureSearch:
+        """BM25 over the catalog's text, fused with the features that fire most on the query's
+        positions the SAE reads (not special, not out of distribution)."""
+        ls = self.rt.get_sae(req.sae_id)
+        top_n = catalog.validate_search(req, self.limits, self.prompt_limits.max_chars)
+        enc = prompts.encode(self.rt, Prompt(text=req.query), "query", self.prompt_limits)
+        (resid,) = activations.forward_residuals(self.rt, [enc.ids], [ls.hookpoint])
+        x = resid[ls.hookpoint]  # (T, d_in)
+        with torch.inference_mode():
+            f = self.rt.encode(ls, x)  # (T, d_sae)
+            read = ls.aggregation_mask(x, enc.special_mask(), include_special=False)  # (T,)
+            peaks = activations.aggregate(f, read, "max").float().cpu().numpy()  # (d_sae,)
+        density = None if ls.log_density is None else ls.log_density.numpy()
+        return catalog.search(ls.sae_id, ls.catalog, density, req.query, peaks, top_n)
 
     # ---- AttributeFeatures -----------------------------------------------------------------------
     def attribute(self, req: AttributeRequest) -> Attribution:

@@ -52,6 +52,12 @@ class OutOfRange(SaescopeError):
         self.limit = limit
 
 
+class FailedPrecondition(SaescopeError):
+    """The call needs something the SAE does not have (ListFeatures without a catalog)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ResourceExhausted(SaescopeError):
     """Queues are full; retry later."""
 

@@ -11,7 +11,8 @@
   shift or scale every token's logit alike. So is a final logit soft-capping (Gemma-2:
   ``c · tanh(z / c)``): it is monotone, so it keeps the tokens' order.
 - Nearest features by cosine between decoder directions, itself excluded.
-- Top activating examples need a catalog, which no SAE has yet (``has_catalog`` is False).
+- Examples, label, histogram and co-firing come from the SAE's catalog (``catalog``), where it
+  has one; the engine adds them.
 """
 
 from __future__ import annotations

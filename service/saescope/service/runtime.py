@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,9 +34,12 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
+from saescope.service import catalog as catalogs
 from saescope.service.errors import InvalidArgument, NotFound
 from saescope.service.types import SaeInfo
 from saescope.training import checkpoint, foreign, models, positions
+from saescope.training.meta import CheckpointMeta
+from saescope.training.paths import sha256_file
 from saescope.training.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -103,8 +107,9 @@ class LoadedSae:
     sae: SAE
     hookpoint: str
     layer: int
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     log_density: Tensor | None  # (d_sae,) log10 feature density from training, on CPU
+    catalog: catalogs.ServedCatalog | None = None  # from ``<path>/catalog/`` when present
     _unit_dec: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -144,8 +149,8 @@ class LoadedSae:
 
     def info(self) -> SaeInfo:
         cfg = self.sae.cfg
-        metrics = self.meta.get("metrics") or {}
-        tokens = self.meta.get("tokens_seen", self.meta.get("tokens", 0))
+        # A shipped SAE carries its held-out evaluation; else the training's last log window.
+        metrics = self.meta.eval or self.meta.metrics
         return SaeInfo(
             sae_id=self.sae_id,
             hookpoint=self.hookpoint,
@@ -159,9 +164,9 @@ class LoadedSae:
                 for k, v in metrics.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             },
-            tokens_seen=int(tokens or 0),
-            has_catalog=False,
-            origin=str(self.meta.get("origin", "saescope")),
+            tokens_seen=self.meta.tokens_seen,
+            has_catalog=self.catalog is not None,
+            origin=self.meta.origin,
         )
 
     def check_feature(self, feature: int, field: str) -> None:
@@ -277,8 +282,14 @@ def load_saes(
     *,
     device: torch.device,
     model_name: str | None = None,
+    token_text: Callable[[int], str] | None = None,
 ) -> dict[str, LoadedSae]:
     """Load every SAE, checking it fits the model; errors name the sae_id.
+
+    An SAE's feature catalog (``<path>/catalog/``) loads with it, checked against the SAE's
+    weights (``catalog.load``): a corrupt one, or one of another SAE, is an error too.
+    ``token_text`` decodes a token id for the catalog's search index (default ``str``: the id
+    itself, for callers without a tokenizer).
 
     A folder is a saescope checkpoint (``saescope.json``: hash-checked, its metadata names the
     hookpoint) or a SAELens or sparsify folder served as it is (``saescope.training.foreign``:
@@ -305,6 +316,15 @@ def load_saes(
                 f"saes[{sae_id!r}]: d_in = {sae.cfg.d_in} does not match the model's "
                 f"hidden size {d_model}"
             )
+        try:
+            served = catalogs.load(Path(path), _weights_sha256(Path(path), meta), token_text or str)
+        except ValueError as e:  # CatalogError, and an index past the catalog's d_sae
+            raise ValueError(f"saes[{sae_id!r}]: {e}") from e
+        if served is not None and served.catalog.d_sae != sae.cfg.d_sae:
+            raise ValueError(
+                f"saes[{sae_id!r}]: its catalog has d_sae = {served.catalog.d_sae}, the SAE "
+                f"{sae.cfg.d_sae}"
+            )
         out[sae_id] = LoadedSae(
             sae_id=sae_id,
             sae=sae,
@@ -312,27 +332,37 @@ def load_saes(
             layer=models.layer_index(model, hookpoint),
             meta=meta,
             log_density=_load_log_density(Path(path), sae.cfg.d_sae),
+            catalog=served,
         )
     return out
 
 
+def _weights_sha256(path: Path, meta: CheckpointMeta) -> str | None:
+    """The sha256 of the SAE's weights file, which its catalog records (None: no such file)."""
+    recorded = meta.files.get(checkpoint.WEIGHTS_FILE)
+    if recorded:
+        return recorded
+    weights = path / checkpoint.WEIGHTS_FILE
+    return sha256_file(weights) if weights.is_file() else None
+
+
 def _load_one(
     model: Any, path: Path, device: torch.device, model_name: str | None
-) -> tuple[SAE, dict[str, Any], str]:
+) -> tuple[SAE, CheckpointMeta, str]:
     """One SAE folder of any origin: the SAE, its metadata (with ``origin``), its hookpoint."""
     if foreign.origin_of(path) in ("saelens", "sparsify"):
         sae, meta = foreign.load_foreign(path, device=device)
-        hookpoint = foreign.map_hookpoint(model, meta["hookpoint"])
-        if model_name is not None and not foreign.same_model(meta.get("model"), model_name):
+        hookpoint = foreign.map_hookpoint(model, meta.hookpoint)
+        if model_name is not None and not foreign.same_model(meta.model, model_name):
             log.warning(
                 "%s: cfg.json names model %r, but %r is served; its features may mean nothing",
                 path,
-                meta["model"],
+                meta.model,
                 model_name,
             )
         return sae, meta, hookpoint
     sae, meta = checkpoint.load_sae(path, device=device, dtype=torch.float32)
-    return sae, {"origin": "saescope", **meta}, models.resolve_hookpoint(model, meta["hookpoint"])
+    return sae, meta, models.resolve_hookpoint(model, meta.hookpoint)
 
 
 def _load_log_density(path: Path, d_sae: int) -> Tensor | None:

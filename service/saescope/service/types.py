@@ -3,9 +3,10 @@ and Ray.
 
 Results the SDK returns as they are come from ``saescope.client.results`` (one dataclass per
 result shape, shared by the engine and the SDK: ``Info``, ``Tokenization``,
-``GenerationResult``, ``ContrastResult``, ``Feature``, ``Attribution`` and their parts), and the
-words of the API's vocabularies (``Aggregation``, ``InterventionMode``, ``Scope``, ``Branch``)
-from the SDK's ``inputs`` and ``results``; defined here are the requests (the SDK builds those
+``GenerationResult``, ``ContrastResult``, ``Feature``, ``Attribution``, ``FeaturePage``,
+``FeatureSearch`` and their parts), and the words of the API's vocabularies (``Aggregation``,
+``InterventionMode``, ``Scope``, ``Branch``, ``Matched``) from the SDK's ``inputs`` and
+``results``; defined here are the requests (the SDK builds those
 from keyword arguments) and what only the engine has: prompts, and activations held as arrays.
 The conversion module (``saescope.service.convert``) maps them to and from the wire types of
 ``saescope.api.v1`` by shape: a field has its wire field's name, and its enum-valued
@@ -35,16 +36,25 @@ from saescope.client.results import Branch as Branch
 from saescope.client.results import Completion as Completion
 from saescope.client.results import ContrastHit as ContrastHit
 from saescope.client.results import ContrastResult as ContrastResult
+from saescope.client.results import DetectionScore as DetectionScore
 from saescope.client.results import Feature as Feature
 from saescope.client.results import FeatureAttribution as FeatureAttribution
+from saescope.client.results import FeatureLabel as FeatureLabel
 from saescope.client.results import FeatureLocation as FeatureLocation
+from saescope.client.results import FeaturePage as FeaturePage
+from saescope.client.results import FeatureSearch as FeatureSearch
+from saescope.client.results import FeatureSummary as FeatureSummary
 from saescope.client.results import FeatureTrace as FeatureTrace
 from saescope.client.results import Firing as Firing
 from saescope.client.results import GenerationResult as GenerationResult
+from saescope.client.results import Histogram as Histogram
 from saescope.client.results import Info as Info
 from saescope.client.results import Limits as Limits
+from saescope.client.results import Matched as Matched
 from saescope.client.results import Neighbour as Neighbour
+from saescope.client.results import QuantileBin as QuantileBin
 from saescope.client.results import SaeInfo as SaeInfo
+from saescope.client.results import SearchHit as SearchHit
 from saescope.client.results import Token as Token
 from saescope.client.results import TokenEvent as TokenEvent
 from saescope.client.results import Tokenization as Tokenization
@@ -178,6 +188,27 @@ class FeatureRequest:
     top_logits: int = 10
     neighbours: int = 10
     include_direction: bool = False
+    examples_page_size: int = 0  # 0: the default page (catalog only)
+    examples_page_token: str = ""
+    quantile_examples: int = 0  # per bin; 0: all the catalog holds
+
+
+# ---- the catalog: listing and search ---------------------------------------
+@dataclass(frozen=True)
+class ListFeaturesRequest:
+    sae_id: str = ""
+    page_size: int = 0  # 0: the default page
+    page_token: str = ""
+    min_density: float | None = None
+    max_density: float | None = None
+    label_contains: str = ""
+
+
+@dataclass(frozen=True)
+class SearchFeaturesRequest:
+    query: str
+    sae_id: str = ""
+    top_n: int = 0  # 0: the default
 
 
 # ---- attribution ---------------------------------------
@@ -241,6 +272,10 @@ class EngineClient(Protocol):
 
     def attribute(self, req: AttributeRequest) -> Attribution: ...
 
+    def list_features(self, req: ListFeaturesRequest) -> FeaturePage: ...
+
+    def search_features(self, req: SearchFeaturesRequest) -> FeatureSearch: ...
+
     def close(self) -> None: ...
 
 
@@ -249,5 +284,7 @@ UNARY_RPCS: dict[str, Callable[..., Any]] = {
     "SearchFeaturesByContrast": EngineClient.contrast,
     "GetFeature": EngineClient.feature,
     "AttributeFeatures": EngineClient.attribute,
+    "ListFeatures": EngineClient.list_features,
+    "SearchFeatures": EngineClient.search_features,
 }
 """RPC → the ``EngineClient`` method that answers it alone, on the request's domain type."""

@@ -7,8 +7,9 @@ Layout of a checkpoint directory::
     sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec (+ threshold: jumprelu, batchtopk,
                               matryoshka) — the exported SAE, in model units
     sparsity.safetensors      "sparsity": log10 feature density over the last window (optional)
-    saescope.json             saescope's metadata: model, hookpoint, scale, tokens, metrics,
-                              config, and ``files``: the sha256 of every other file
+    saescope.json             saescope's metadata (``meta.CheckpointMeta``): model, hookpoint,
+                              scale, tokens, metrics, data rules, config, and ``files``: the
+                              sha256 of every other file
     training_state/           (optional) what resuming needs: raw weights, optimizer, RNG, data
                               position — tensors in safetensors, the rest in JSON; never pickle
 
@@ -20,6 +21,7 @@ a checkpoint whose map is absent or leaves a weight, state or config file out (:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -31,11 +33,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saescope.training.atomic import atomic_directory
+from saescope.training.meta import FORMAT_VERSION, META_FILE, CheckpointError, CheckpointMeta
 from saescope.training.paths import sha256_file
 from saescope.training.sae import SAE, SAEConfig
 
-FORMAT_VERSION = 1
-META_FILE = "saescope.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 CFG_FILE = "cfg.json"
@@ -44,15 +45,11 @@ SAE_LENS_VERSION = "6.0.0"  # the cfg.json schema we write: SAELens ≥ 6
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt, or of an unknown format."""
-
-
 # ---- writing -------------------------------------------------------------------------------------
 def save_checkpoint(
     path: Path,
     sae: SAE,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     *,
     sparsity: Tensor | None = None,
     state_tensors: dict[str, dict[str, Tensor]] | None = None,
@@ -60,12 +57,14 @@ def save_checkpoint(
 ) -> Path:
     """Write ``sae`` (already exported to model units) and ``meta`` to ``path`` atomically.
 
-    ``meta`` must hold at least ``model`` and ``hookpoint``. ``state_tensors`` maps file stems
-    under ``training_state/`` to tensor dicts; ``state_json`` is written as ``state.json`` there.
+    ``meta`` must name the model and describe ``sae`` (``meta.sae == sae.cfg``); its ``files``
+    and ``format_version`` are ignored and written anew. ``state_tensors`` maps file stems under
+    ``training_state/`` to tensor dicts; ``state_json`` is written as ``state.json`` there.
     """
-    for key in ("model", "hookpoint"):
-        if key not in meta:
-            raise ValueError(f"meta: missing {key!r}")
+    if not meta.model or not meta.hookpoint:
+        raise ValueError("meta: a checkpoint needs a model and a hookpoint")
+    if meta.sae != sae.cfg:
+        raise ValueError(f"meta.sae: {meta.sae} does not describe the SAE saved ({sae.cfg})")
     path = Path(path)
     with atomic_directory(path) as tmp:
         _write_contents(tmp, sae, meta, sparsity, state_tensors, state_json)
@@ -75,7 +74,7 @@ def save_checkpoint(
 def _write_contents(
     out: Path,
     sae: SAE,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     sparsity: Tensor | None,
     state_tensors: dict[str, dict[str, Tensor]] | None,
     state_json: dict[str, Any] | None,
@@ -93,16 +92,12 @@ def _write_contents(
             clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             save_file(clean, str(out / STATE_DIR / f"{stem}.safetensors"))
         _write_json(out / STATE_DIR / "state.json", state_json or {})
-    full_meta = {
-        "format_version": FORMAT_VERSION,
-        **meta,
-        "sae": sae.cfg.to_dict(),
-        "files": {rel: sha256_file(out / rel) for rel in _payload_files(out)},
-    }
-    _write_json(out / META_FILE, full_meta)
+    files = {rel: sha256_file(out / rel) for rel in _payload_files(out)}
+    full = dataclasses.replace(meta, files=files, format_version=FORMAT_VERSION)
+    _write_json(out / META_FILE, full.to_json())
 
 
-def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) -> dict[str, Any]:
+def sae_lens_cfg(cfg: SAEConfig, meta: CheckpointMeta, *, dtype: torch.dtype) -> dict[str, Any]:
     """The ``cfg.json`` SAELens ≥ 6 reads (``SAE.load_from_disk``)."""
     return {
         **cfg.arch.sae_lens_fields(cfg),
@@ -116,14 +111,14 @@ def sae_lens_cfg(cfg: SAEConfig, meta: dict[str, Any], *, dtype: torch.dtype) ->
         "metadata": {
             "sae_lens_version": SAE_LENS_VERSION,
             "sae_lens_training_version": None,
-            "model_name": meta["model"],
+            "model_name": meta.model,
             # TransformerLens's name (HookedSAETransformer attaches by it) and the module's
-            "hook_name": tl_hook_name(meta["hookpoint"]),
-            "hf_hook_name": meta["hookpoint"],
+            "hook_name": tl_hook_name(meta.hookpoint),
+            "hf_hook_name": meta.hookpoint,
             "hook_head_index": None,
-            "prepend_bos": bool(meta.get("prepend_bos", False)),
-            "context_size": meta.get("context_size"),
-            "dataset_path": meta.get("dataset"),
+            "prepend_bos": meta.prepend_bos,
+            "context_size": meta.context_size,
+            "dataset_path": meta.dataset,
             "trained_with": "saescope",
         },
     }
@@ -136,8 +131,9 @@ def tl_hook_name(hookpoint: str) -> str:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def read_meta(path: Path) -> dict[str, Any]:
-    """``saescope.json`` of a checkpoint, with a clear error if absent or unreadable."""
+def read_meta(path: Path) -> CheckpointMeta:
+    """``saescope.json`` of a checkpoint, with a clear error if absent, unreadable or
+    malformed (not verified against the files: :func:`verify`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint: {path} is not a directory")
@@ -153,16 +149,10 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint: {path} has no {META_FILE} (incomplete?)") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint: {path / META_FILE} is not valid JSON: {e}") from e
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint: {path} has format_version {version!r}; "
-            f"this saescope reads {FORMAT_VERSION}"
-        )
-    return meta
+    return CheckpointMeta.from_json(meta, path)
 
 
-def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def verify(path: Path, meta: CheckpointMeta | None = None) -> CheckpointMeta:
     """Check the checkpoint against the sha256 map in ``saescope.json``; return the metadata.
 
     The map must be complete: it must name ``sae_weights.safetensors`` and every other file a
@@ -172,7 +162,7 @@ def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """
     path = Path(path)
     meta = meta or read_meta(path)
-    files = _hash_map(path, meta)
+    files = _hash_map(path, meta.files)
     unlisted = sorted(_verified_files(path) - files.keys())
     if unlisted:
         raise CheckpointError(
@@ -190,7 +180,7 @@ def verify(path: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     return meta
 
 
-def verify_resumable(path: Path) -> dict[str, Any]:
+def verify_resumable(path: Path) -> CheckpointMeta:
     """:func:`verify`, and check that the checkpoint holds a training state to resume from."""
     meta = verify(path)
     if not (Path(path) / STATE_DIR / "state.json").is_file():
@@ -198,10 +188,9 @@ def verify_resumable(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _hash_map(path: Path, meta: dict[str, Any]) -> dict[str, str]:
-    """The ``files`` map of ``meta``, checked for shape: relative paths to hex sha256 digests."""
-    files = meta.get("files")
-    if not isinstance(files, dict) or not files:
+def _hash_map(path: Path, files: dict[str, str]) -> dict[str, str]:
+    """The ``files`` map, checked for shape: relative paths to hex sha256 digests."""
+    if not files:
         raise CheckpointError(
             f"checkpoint: {path}: {META_FILE} has no 'files' map of sha256 digests; "
             "its weights cannot be verified (re-save it with saescope)"
@@ -210,7 +199,7 @@ def _hash_map(path: Path, meta: dict[str, Any]) -> dict[str, str]:
         parts = Path(rel).parts  # JSON keys are strings
         if not parts or Path(rel).is_absolute() or ".." in parts:
             raise CheckpointError(f"checkpoint: {path}: {META_FILE} files: bad path {rel!r}")
-        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        if not _SHA256.fullmatch(digest):
             raise CheckpointError(
                 f"checkpoint: {path}: {META_FILE} files[{rel!r}]: not a sha256 hex digest"
             )
@@ -218,25 +207,33 @@ def _hash_map(path: Path, meta: dict[str, Any]) -> dict[str, str]:
 
 
 def _verified_files(path: Path) -> set[str]:
-    """Files the hash map must cover: the weights (present or not) and whatever is loadable."""
+    """Files the hash map must cover: the weights (present or not) and whatever is loadable.
+
+    Folders other tools write beside the SAE with hashes of their own (the feature catalog,
+    its partial build and their temporary siblings: ``SIDECAR_DIRS``) are not the SAE's.
+    """
     found = {WEIGHTS_FILE}
     if (path / CFG_FILE).is_file():
         found.add(CFG_FILE)
-    found |= {str(f.relative_to(path)) for f in path.rglob("*.safetensors") if f.is_file()}
+    found |= {
+        str(f.relative_to(path))
+        for f in path.rglob("*.safetensors")
+        if f.is_file() and not _is_sidecar(f.relative_to(path))
+    }
     if (path / STATE_DIR).is_dir():
         found |= {str(f.relative_to(path)) for f in (path / STATE_DIR).rglob("*") if f.is_file()}
     return found
 
 
 def load_sae(
-    path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[SAE, dict[str, Any]]:
-    """Load the exported SAE and its metadata after verifying every hash."""
+    path: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[SAE, CheckpointMeta]:
+    """Load the exported SAE and its metadata after verifying every hash.
+
+    The SAE computes in ``dtype`` (float32 unless asked) whatever its file stores: the SAE
+    shipped in the package is float16 on disk."""
     meta = verify(path)
-    try:
-        cfg = SAEConfig(**meta["sae"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint: {path}: {META_FILE} sae: {e}") from e
+    cfg = meta.sae
     weights = _load_tensors(Path(path) / WEIGHTS_FILE)
     # the four weights and whatever the architecture adds (a JumpReLU threshold)
     with torch.device("meta"):  # shapes only, no memory
@@ -245,7 +242,7 @@ def load_sae(
         if name not in weights or tuple(weights[name].shape) != shape:
             got = tuple(weights[name].shape) if name in weights else "absent"
             raise CheckpointError(f"checkpoint: {name} should have shape {shape}, got {got}")
-    sae = SAE(cfg, dtype=dtype or weights["W_enc"].dtype)
+    sae = SAE(cfg, dtype=dtype)
     sae.load_state_dict({k: weights[k] for k in expected})
     return sae.to(device).eval().requires_grad_(False), meta
 
@@ -267,6 +264,15 @@ def _load_tensors(f: Path) -> dict[str, Tensor]:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+SIDECAR_DIRS = ("catalog", "catalog.partial")
+"""Top-level folders of a checkpoint that are not part of the SAE (each verifies itself)."""
+
+
+def _is_sidecar(rel: Path) -> bool:
+    top = rel.parts[0] if len(rel.parts) > 1 else ""
+    return any(top == d or top.startswith(f".{d}.") for d in SIDECAR_DIRS)
+
+
 def _payload_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 

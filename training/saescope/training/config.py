@@ -3,7 +3,7 @@
 Every field has a docstring; choices are ``Literal``; unknown keys are rejected. Validation
 errors come out as ``section.field: message`` lines (``ConfigError``), which the CLI prints as
 ``saescope train: error: train.lr: Input should be greater than 0``. The whole config is saved
-beside the weights (``saescope.json``'s ``meta["config"]``), so a checkpoint says how it was made.
+beside the weights (``saescope.json``'s ``config``), so a checkpoint says how it was made.
 """
 
 from __future__ import annotations

@@ -426,24 +426,23 @@ def evaluate_checkpoint(
     it was trained on). ``context_size`` defaults to the checkpoint's.
     """
     sae, meta = load_sae(Path(path))
-    config = meta.get("config") or {}
+    if meta.model is None:
+        raise ValueError(f"checkpoint {path}: records no model")
     # The trainer records the default model by its hub id; it means the cached offline copy.
-    name = models.DEFAULT_MODEL if meta["model"] == models.DEFAULT_MODEL_NAME else meta["model"]
+    name = models.DEFAULT_MODEL if meta.model == models.DEFAULT_MODEL_NAME else meta.model
     try:
         model, tokenizer = models.load_model(name, device=device, dtype=dtype)
     except OSError as e:
         raise ValueError(f"model: cannot load {name!r}, named by checkpoint {path}: {e}") from e
     try:
-        hookpoint = check_fit(model, sae, meta["hookpoint"])
+        hookpoint = check_fit(model, sae, meta.hookpoint)
     except ValueError as e:
         raise ValueError(f"checkpoint {path}: {e}") from e
-    data_cfg, heldout = _data_config(config.get("data"), data)
-    context_size = context_size or _from_meta(meta, "context_size") or DEFAULT_CONTEXT_SIZE
-    prepend_bos = bool(_from_meta(meta, "prepend_bos"))
-    skip_first = _from_meta(meta, "skip_first_positions")
-    skip_first = 1 if skip_first is None else int(skip_first)
-    outlier = _from_meta(meta, "outlier_norm_factor")
-    outlier = None if outlier is None else float(outlier)
+    data_cfg, heldout = _data_config((meta.config or {}).get("data"), data)
+    context_size = context_size or meta.context_size or DEFAULT_CONTEXT_SIZE
+    prepend_bos = meta.prepend_bos
+    skip_first = meta.skip_first_positions
+    outlier = meta.outlier_norm_factor
     from saescope.training.data import iter_texts
 
     result = evaluate(
@@ -452,7 +451,7 @@ def evaluate_checkpoint(
         sae,
         hookpoint,
         iter_texts(data_cfg, heldout=heldout),
-        context_size=int(context_size),
+        context_size=context_size,
         max_tokens=max_tokens,
         batch_size=batch_size,
         prepend_bos=prepend_bos,
@@ -462,12 +461,12 @@ def evaluate_checkpoint(
     )
     result.info = {
         "checkpoint": str(path),
-        "model": meta["model"],
+        "model": meta.model,
         "hookpoint": hookpoint,
         "sae": sae.cfg.to_dict(),
-        "tokens_seen": meta.get("tokens_seen"),
+        "tokens_seen": meta.tokens_seen,
         "data": {**_as_dict(data_cfg), "heldout": heldout},
-        "context_size": int(context_size),
+        "context_size": context_size,
         "prepend_bos": prepend_bos,
         "skip_first_positions": skip_first,
         "outlier_norm_factor": outlier,
@@ -489,13 +488,6 @@ def _data_config(training: dict[str, Any] | None, source: str | None) -> tuple[A
     if training and training.get("source") == source:
         return DataConfig(**training), True
     return DataConfig(source=source), False
-
-
-def _from_meta(meta: dict[str, Any], key: str) -> Any:
-    """``meta[key]``, else the trainer config's ``activations.<key>``, else None."""
-    if meta.get(key) is not None:
-        return meta[key]
-    return ((meta.get("config") or {}).get("activations") or {}).get(key)
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:

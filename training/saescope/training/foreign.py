@@ -29,7 +29,7 @@ when SAELens selected on ``pre · n`` (``rescale_acts_by_decoder_norm``: its own
 then already ``f_i · n_i``, its decode divides by ``n_i``) or every ``n_i`` is equal. A TopK
 SAE with unequal norms that selected on raw ``pre`` would choose other features after folding,
 so it is served unfolded: features exactly as the library computes them, decoder rows as saved
-(``meta["feature_units"]`` = ``"library"``; ``"decoder_norm"`` otherwise).
+(``meta.feature_units`` = ``"library"``; ``"decoder_norm"`` otherwise).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -45,9 +45,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saescope.training import models
+from saescope.training.meta import CheckpointMeta, FeatureUnits, Origin
 from saescope.training.sae import SAE, SAEConfig
 
-Origin = Literal["saescope", "saelens", "sparsify"]
 CFG_FILE = "cfg.json"
 SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -73,12 +73,12 @@ def origin_of(path: Path) -> Origin | None:
     return None
 
 
-def load_foreign(path: Path, *, device: str | torch.device = "cpu") -> tuple[SAE, dict[str, Any]]:
+def load_foreign(path: Path, *, device: str | torch.device = "cpu") -> tuple[SAE, CheckpointMeta]:
     """A SAELens or sparsify folder as a float32 :class:`SAE` in model units, and its metadata.
 
-    The metadata holds ``origin``, ``hookpoint`` (the name as the folder gives it; map it with
-    :func:`map_hookpoint`), ``model`` (``None`` if unrecorded), ``source_architecture`` and
-    ``feature_units``.
+    The metadata has the folder's ``origin``, its ``hookpoint`` as the folder names it (map it
+    with :func:`map_hookpoint`), ``model`` (``None`` if unrecorded), ``feature_units``, and
+    what else the cfg records (SAELens: ``context_size``, ``prepend_bos``, ``dataset``).
     """
     path = Path(path)
     origin = origin_of(path)
@@ -91,11 +91,11 @@ def load_foreign(path: Path, *, device: str | torch.device = "cpu") -> tuple[SAE
             f"checkpoint: {path} is not a SAELens ({CFG_FILE} + {SAE_LENS_WEIGHTS}) or "
             f"sparsify ({CFG_FILE} + {SPARSIFY_WEIGHTS}) folder"
         )
-    return sae.to(device).eval().requires_grad_(False), {"origin": origin, **meta}
+    return sae.to(device).eval().requires_grad_(False), meta
 
 
 # ---- SAELens -------------------------------------------------------------------------------------
-def _load_sae_lens(path: Path) -> tuple[SAE, dict[str, Any]]:
+def _load_sae_lens(path: Path) -> tuple[SAE, CheckpointMeta]:
     cfg = _read_cfg(path)
     found = cfg.get("metadata")
     meta: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -111,6 +111,9 @@ def _load_sae_lens(path: Path) -> tuple[SAE, dict[str, Any]]:
             f"{where}: architecture {arch!r} cannot be served; saescope serves SAELens's "
             "standard, jumprelu (also its saved batchtopk and matryoshka_batchtopk) and topk"
         )
+    hook = field("hook_name")
+    if not isinstance(hook, str) or not hook:
+        raise ForeignSaeError(f"{where}: hook_name: the cfg records no hook name, got {hook!r}")
     if field("hook_head_index") is not None:
         raise ForeignSaeError(f"{where}: hook_head_index: attention-head SAEs cannot be served")
     if field("reshape_activations", "none") != "none":
@@ -138,16 +141,17 @@ def _load_sae_lens(path: Path) -> tuple[SAE, dict[str, Any]]:
         scale=scale,
         selection_rescaled=rescaled,
     )
-    return sae, {
-        "hookpoint": field("hook_name"),
-        "model": field("model_name"),
-        "source_architecture": arch,
-        "feature_units": units,
-        "input_scale": scale,
-        "prepend_bos": field("prepend_bos"),
-        "context_size": field("context_size"),
-        "dataset": field("dataset_path"),
-    }
+    context_size, prepend_bos = field("context_size"), field("prepend_bos")
+    return sae, CheckpointMeta(
+        model=_text(field("model_name")),
+        hookpoint=hook,
+        sae=sae.cfg,
+        dataset=_text(field("dataset_path")),
+        context_size=context_size if type(context_size) is int else None,
+        prepend_bos=prepend_bos if isinstance(prepend_bos, bool) else True,  # SAELens's default
+        origin="saelens",
+        feature_units=units,
+    )
 
 
 def _input_scale(cfg: dict[str, Any], where: str) -> float:
@@ -176,7 +180,7 @@ def _input_scale(cfg: dict[str, Any], where: str) -> float:
 
 
 # ---- sparsify ------------------------------------------------------------------------------------
-def _load_sparsify(path: Path) -> tuple[SAE, dict[str, Any]]:
+def _load_sparsify(path: Path) -> tuple[SAE, CheckpointMeta]:
     cfg = _read_cfg(path)
     where = f"{path / CFG_FILE}"
     if cfg.get("activation", "topk") != "topk":
@@ -216,13 +220,14 @@ def _load_sparsify(path: Path) -> tuple[SAE, dict[str, Any]]:
         scale=1.0,
         selection_rescaled=False,
     )
-    return sae, {
-        "hookpoint": path.resolve().name,
-        "model": None,
-        "source_architecture": "topk",
-        "feature_units": units,
-        "input_scale": 1.0,
-    }
+    meta = CheckpointMeta(
+        model=None,
+        hookpoint=path.resolve().name,
+        sae=sae.cfg,
+        origin="sparsify",
+        feature_units=units,
+    )
+    return sae, meta
 
 
 # ---- the rewrite into model units ----------------------------------------------------------------
@@ -234,7 +239,7 @@ def _build(
     applies_b_dec: bool,
     scale: float,
     selection_rescaled: bool,
-) -> tuple[SAE, str]:
+) -> tuple[SAE, FeatureUnits]:
     """The library's SAE as our ``cfg``'s architecture (module docstring), in float64 first."""
     W_enc, b_enc = w["W_enc"].double(), w["b_enc"].double()  # (d_in, d_sae), (d_sae,)
     W_dec, b_dec = w["W_dec"].double(), w["b_dec"].double()  # (d_sae, d_in), (d_in,)
@@ -313,6 +318,11 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ForeignSaeError(f"checkpoint: {path / CFG_FILE} is not a JSON object")
     return cfg
+
+
+def _text(v: object) -> str | None:
+    """A recorded string (``None`` if absent, empty or not a string)."""
+    return v if isinstance(v, str) and v else None
 
 
 def _read_weights(f: Path) -> dict[str, Tensor]:

@@ -15,9 +15,8 @@ and evals and the service read them back (``rules_of``), so all three apply the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -34,14 +33,20 @@ class Rules:
     rule)."""
 
 
-def rules_of(meta: Mapping[str, Any]) -> Rules:
-    """The rules a checkpoint's metadata records (``skip_first_positions``,
-    ``outlier_norm_factor``); a checkpoint without them skips nothing."""
-    factor = meta.get("outlier_norm_factor")
-    return Rules(
-        skip_first=int(meta.get("skip_first_positions") or 0),
-        outlier_norm_factor=float(factor) if factor else None,
-    )
+class RecordsRules(Protocol):
+    """What records the rules: a checkpoint's metadata (``meta.CheckpointMeta``)."""
+
+    @property
+    def skip_first_positions(self) -> int: ...
+    @property
+    def outlier_norm_factor(self) -> float | None: ...
+
+
+def rules_of(meta: RecordsRules) -> Rules:
+    """The rules a checkpoint's metadata records; a checkpoint without them (a foreign SAE)
+    skips nothing."""
+    factor = meta.outlier_norm_factor
+    return Rules(skip_first=meta.skip_first_positions, outlier_norm_factor=factor or None)
 
 
 def eligible(special: Tensor, skip_first: int, attention: Tensor | None = None) -> Tensor:

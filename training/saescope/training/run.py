@@ -39,6 +39,7 @@ from saescope.training.activation_cache import ActivationCache, model_fingerprin
 from saescope.training.activations import ActivationSource, ModelRows, RowStream
 from saescope.training.checkpoint import (
     CheckpointError,
+    CheckpointMeta,
     load_training_state,
     read_meta,
     save_checkpoint,
@@ -280,19 +281,22 @@ def save(
 ) -> Path:
     """A checkpoint of the exported SAE with everything resuming needs."""
     assert t.scale is not None
-    meta = {
-        **info,
-        "scale": t.scale,
-        "tokens_seen": t.tokens,
-        "steps": t.step,
-        "metrics": t.last_record,
-        "config": cfg.model_dump(mode="json"),
-        "dataset": cfg.data.source,
-        "context_size": cfg.activations.context_size,
-        "skip_first_positions": cfg.activations.skip_first_positions,
-        "outlier_norm_factor": cfg.activations.outlier_norm_factor,
-        "prepend_bos": False,
-    }
+    a = cfg.activations
+    meta = CheckpointMeta(
+        model=str(info["model"]),
+        hookpoint=str(info["hookpoint"]),
+        sae=t.sae.cfg,
+        tokens_seen=t.tokens,
+        steps=t.step,
+        scale=t.scale,
+        metrics=t.last_record,
+        config=cfg.model_dump(mode="json"),
+        dataset=cfg.data.source,
+        context_size=a.context_size,
+        skip_first_positions=a.skip_first_positions,
+        outlier_norm_factor=a.outlier_norm_factor,
+        prepend_bos=False,
+    )
     tensors, state = t.state()
     state["data_position"] = source.position(t.step)
     return save_checkpoint(
@@ -348,7 +352,11 @@ def resume_config(out: Path, overrides: list[str] | None = None) -> TrainConfig:
     ``output.dir = out``."""
     from saescope.training.config import apply_override
 
-    raw = dict(read_meta(resumable_checkpoint(out)[0])["config"])
+    step = resumable_checkpoint(out)[0]
+    saved = read_meta(step).config
+    if saved is None:
+        raise CheckpointError(f"resume: {step} records no training config")
+    raw = dict(saved)
     for item in overrides or []:
         apply_override(raw, item)
     raw["output"] = {**raw.get("output", {}), "dir": str(out)}

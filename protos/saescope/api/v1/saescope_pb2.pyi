@@ -1370,6 +1370,9 @@ class GetFeatureRequest(_message.Message):
     TOP_LOGITS_FIELD_NUMBER: _builtins.int
     NEIGHBOURS_FIELD_NUMBER: _builtins.int
     INCLUDE_DIRECTION_FIELD_NUMBER: _builtins.int
+    EXAMPLES_PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    EXAMPLES_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    QUANTILE_EXAMPLES_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     feature: _builtins.int
     top_logits: _builtins.int
@@ -1378,6 +1381,12 @@ class GetFeatureRequest(_message.Message):
     """Nearest features to list (0 means 10; at most Limits.max_top_k)."""
     include_direction: _builtins.bool
     """Return the unit decoder direction (d_in floats)."""
+    examples_page_size: _builtins.int
+    """Top activating examples per page (0 means 10; at most Limits.max_top_k). Needs a catalog."""
+    examples_page_token: _builtins.str
+    """GetFeatureResponse.next_examples_page_token of the previous page; empty: the first page."""
+    quantile_examples: _builtins.int
+    """Examples per activation-quantile bin (0 means all the catalog holds, up to its per_bin)."""
     def __init__(
         self,
         *,
@@ -1386,10 +1395,13 @@ class GetFeatureRequest(_message.Message):
         top_logits: _builtins.int = ...,
         neighbours: _builtins.int = ...,
         include_direction: _builtins.bool = ...,
+        examples_page_size: _builtins.int = ...,
+        examples_page_token: _builtins.str = ...,
+        quantile_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "include_direction", b"include_direction", "neighbours", b"neighbours", "sae_id", b"sae_id", "top_logits", b"top_logits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_page_size", b"examples_page_size", "examples_page_token", b"examples_page_token", "feature", b"feature", "include_direction", b"include_direction", "neighbours", b"neighbours", "quantile_examples", b"quantile_examples", "sae_id", b"sae_id", "top_logits", b"top_logits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1450,12 +1462,15 @@ class ActivatingExample(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     MAX_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_POSITION_FIELD_NUMBER: _builtins.int
     max_value: _builtins.float
+    max_position: _builtins.int
+    """Index in `tokens` of the token where the feature takes max_value."""
     @_builtins.property
     def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___Token]: ...
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """The feature's value at each token."""
+        """The feature's value at each token (from the catalog: quantised to 1/255 of max_value)."""
 
     def __init__(
         self,
@@ -1463,14 +1478,205 @@ class ActivatingExample(_message.Message):
         tokens: _abc.Iterable[Global___Token] | None = ...,
         values: _abc.Iterable[_builtins.float] | None = ...,
         max_value: _builtins.float = ...,
+        max_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_value", b"max_value", "tokens", b"tokens", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_position", b"max_position", "max_value", b"max_value", "tokens", b"tokens", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivatingExample: _TypeAlias = ActivatingExample  # noqa: Y015
+
+@_typing.final
+class QuantileBin(_message.Message):
+    """Examples whose value lies in [lower, upper) (the last bin includes everything above)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    lower: _builtins.float
+    upper: _builtins.float
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivatingExample]: ...
+    def __init__(
+        self,
+        *,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        examples: _abc.Iterable[Global___ActivatingExample] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "lower", b"lower", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuantileBin: _TypeAlias = QuantileBin  # noqa: Y015
+
+@_typing.final
+class Histogram(_message.Message):
+    """The distribution of a feature's nonzero values over the catalog's tokens: counts[i] values
+    in [edges[i], edges[i+1]) (the last bin includes values above the last edge).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EDGES_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        edges: _abc.Iterable[_builtins.float] | None = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "edges", b"edges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Histogram: _TypeAlias = Histogram  # noqa: Y015
+
+@_typing.final
+class DetectionScore(_message.Message):
+    """How well a label's evidence predicts where the feature fires, on held-out catalog contexts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    F1_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    BALANCED_ACCURACY_FIELD_NUMBER: _builtins.int
+    POSITIVES_FIELD_NUMBER: _builtins.int
+    NEGATIVES_FIELD_NUMBER: _builtins.int
+    f1: _builtins.float
+    precision: _builtins.float
+    recall: _builtins.float
+    balanced_accuracy: _builtins.float
+    positives: _builtins.int
+    """Held-out positions where the feature fired / did not fire that the score was taken over."""
+    negatives: _builtins.int
+    def __init__(
+        self,
+        *,
+        f1: _builtins.float = ...,
+        precision: _builtins.float = ...,
+        recall: _builtins.float = ...,
+        balanced_accuracy: _builtins.float = ...,
+        positives: _builtins.int = ...,
+        negatives: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balanced_accuracy", b"balanced_accuracy", "f1", b"f1", "negatives", b"negatives", "positives", b"positives", "precision", b"precision", "recall", b"recall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetectionScore: _TypeAlias = DetectionScore  # noqa: Y015
+
+@_typing.final
+class FeatureLabel(_message.Message):
+    """A feature's label: its most characteristic tokens and n-grams in its top contexts (log-odds
+    against the catalog's text), the scripts and languages it fires in, how well that evidence
+    predicts activation, and an LLM explanation where one was made.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScriptsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class LanguagesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    NGRAMS_FIELD_NUMBER: _builtins.int
+    SCRIPTS_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    DETECTION_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Short text, e.g. "ocean · sea · waves"; empty for a feature that never fired."""
+    explanation: _builtins.str
+    """From an explainer (an OpenAI-compatible endpoint) when the catalog was built with one."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenScore]: ...
+    @_builtins.property
+    def ngrams(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenScore]:
+        """score: log-odds; id: 0 (n-grams are text)."""
+
+    @_builtins.property
+    def scripts(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Share of firing tokens per script ("Latin", "Cyrillic", ...) and per language ("en", ...)."""
+
+    @_builtins.property
+    def languages(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def detection(self) -> Global___DetectionScore:
+        """Absent when the held-out contexts had too few firings to score."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        tokens: _abc.Iterable[Global___TokenScore] | None = ...,
+        ngrams: _abc.Iterable[Global___TokenScore] | None = ...,
+        scripts: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        languages: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        detection: Global___DetectionScore | None = ...,
+        explanation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_detection", b"_detection", "detection", b"detection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_detection", b"_detection", "detection", b"detection", "explanation", b"explanation", "languages", b"languages", "ngrams", b"ngrams", "scripts", b"scripts", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__detection: _TypeAlias = _typing.Literal["detection"]  # noqa: Y015
+    _WhichOneofArgType__detection: _TypeAlias = _typing.Literal["_detection", b"_detection"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__detection) -> _WhichOneofReturnType__detection | None: ...
+
+Global___FeatureLabel: _TypeAlias = FeatureLabel  # noqa: Y015
 
 @_typing.final
 class GetFeatureResponse(_message.Message):
@@ -1487,6 +1693,12 @@ class GetFeatureResponse(_message.Message):
     NEAREST_FIELD_NUMBER: _builtins.int
     TOP_EXAMPLES_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
+    NEXT_EXAMPLES_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    QUANTILE_EXAMPLES_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    COFIRING_FIELD_NUMBER: _builtins.int
+    CATALOG_TOKENS_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     feature: _builtins.int
     decoder_norm: _builtins.float
@@ -1495,6 +1707,9 @@ class GetFeatureResponse(_message.Message):
     encoder_bias: _builtins.float
     density: _builtins.float
     """Fraction of training tokens on which the feature fired; absent when unknown."""
+    next_examples_page_token: _builtins.str
+    """Token for the next page of top_examples; empty on the last page."""
+    catalog_tokens: _builtins.int
     @_builtins.property
     def promoted(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenScore]:
         """Output tokens the decoder direction promotes / suppresses through the unembedding
@@ -1509,12 +1724,26 @@ class GetFeatureResponse(_message.Message):
 
     @_builtins.property
     def top_examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActivatingExample]:
-        """Top activating examples (empty when the SAE has no catalog)."""
+        """Top activating examples, strongest first, one page (empty when the SAE has no catalog)."""
 
     @_builtins.property
     def direction(self) -> Global___DenseTensor:
         """Unit decoder direction, shape (d_in,), when include_direction."""
 
+    @_builtins.property
+    def quantile_examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuantileBin]:
+        """Examples sampled from activation-quantile bins, lowest bin first (catalog only)."""
+
+    @_builtins.property
+    def histogram(self) -> Global___Histogram:
+        """Catalog only: the activation histogram, the label, the features that fire with it most
+        (cosine here is P(that feature fires | this one fires)), and the catalog's token count.
+        """
+
+    @_builtins.property
+    def label(self) -> Global___FeatureLabel: ...
+    @_builtins.property
+    def cofiring(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]: ...
     def __init__(
         self,
         *,
@@ -1529,16 +1758,246 @@ class GetFeatureResponse(_message.Message):
         nearest: _abc.Iterable[Global___Neighbour] | None = ...,
         top_examples: _abc.Iterable[Global___ActivatingExample] | None = ...,
         direction: Global___DenseTensor | None = ...,
+        next_examples_page_token: _builtins.str = ...,
+        quantile_examples: _abc.Iterable[Global___QuantileBin] | None = ...,
+        histogram: Global___Histogram | None = ...,
+        label: Global___FeatureLabel | None = ...,
+        cofiring: _abc.Iterable[Global___Neighbour] | None = ...,
+        catalog_tokens: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_density", b"_density", "density", b"density", "direction", b"direction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_density", b"_density", "density", b"density", "direction", b"direction", "histogram", b"histogram", "label", b"label"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_density", b"_density", "decoder_norm", b"decoder_norm", "density", b"density", "direction", b"direction", "encoder_bias", b"encoder_bias", "encoder_norm", b"encoder_norm", "feature", b"feature", "nearest", b"nearest", "promoted", b"promoted", "sae_id", b"sae_id", "suppressed", b"suppressed", "top_examples", b"top_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_density", b"_density", "catalog_tokens", b"catalog_tokens", "cofiring", b"cofiring", "decoder_norm", b"decoder_norm", "density", b"density", "direction", b"direction", "encoder_bias", b"encoder_bias", "encoder_norm", b"encoder_norm", "feature", b"feature", "histogram", b"histogram", "label", b"label", "nearest", b"nearest", "next_examples_page_token", b"next_examples_page_token", "promoted", b"promoted", "quantile_examples", b"quantile_examples", "sae_id", b"sae_id", "suppressed", b"suppressed", "top_examples", b"top_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__density: _TypeAlias = _typing.Literal["density"]  # noqa: Y015
     _WhichOneofArgType__density: _TypeAlias = _typing.Literal["_density", b"_density"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__density) -> _WhichOneofReturnType__density | None: ...
 
 Global___GetFeatureResponse: _TypeAlias = GetFeatureResponse  # noqa: Y015
+
+@_typing.final
+class ListFeaturesRequest(_message.Message):
+    """---- ListFeatures and SearchFeatures ------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MIN_DENSITY_FIELD_NUMBER: _builtins.int
+    MAX_DENSITY_FIELD_NUMBER: _builtins.int
+    LABEL_CONTAINS_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    page_size: _builtins.int
+    """Features per page (0 means 50; at most Limits.max_top_k)."""
+    page_token: _builtins.str
+    """ListFeaturesResponse.next_page_token of the previous page; empty: the first page."""
+    min_density: _builtins.float
+    """Keep features whose density lies in [min_density, max_density] (each optional)."""
+    max_density: _builtins.float
+    label_contains: _builtins.str
+    """Keep features whose label contains this text (case-insensitive); empty: every feature."""
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        min_density: _builtins.float | None = ...,
+        max_density: _builtins.float | None = ...,
+        label_contains: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_density", b"_max_density", "_min_density", b"_min_density", "max_density", b"max_density", "min_density", b"min_density"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_density", b"_max_density", "_min_density", b"_min_density", "label_contains", b"label_contains", "max_density", b"max_density", "min_density", b"min_density", "page_size", b"page_size", "page_token", b"page_token", "sae_id", b"sae_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_density: _TypeAlias = _typing.Literal["max_density"]  # noqa: Y015
+    _WhichOneofArgType__max_density: _TypeAlias = _typing.Literal["_max_density", b"_max_density"]  # noqa: Y015
+    _WhichOneofReturnType__min_density: _TypeAlias = _typing.Literal["min_density"]  # noqa: Y015
+    _WhichOneofArgType__min_density: _TypeAlias = _typing.Literal["_min_density", b"_min_density"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_density) -> _WhichOneofReturnType__max_density | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_density) -> _WhichOneofReturnType__min_density | None: ...
+
+Global___ListFeaturesRequest: _TypeAlias = ListFeaturesRequest  # noqa: Y015
+
+@_typing.final
+class FeatureSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    DENSITY_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    LABEL_F1_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    feature: _builtins.int
+    density: _builtins.float
+    label: _builtins.str
+    label_f1: _builtins.float
+    """The label's detection F1 (absent when unscored)."""
+    max_value: _builtins.float
+    """Largest value in the catalog."""
+    def __init__(
+        self,
+        *,
+        feature: _builtins.int = ...,
+        density: _builtins.float = ...,
+        label: _builtins.str = ...,
+        label_f1: _builtins.float | None = ...,
+        max_value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label_f1", b"_label_f1", "label_f1", b"label_f1"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label_f1", b"_label_f1", "density", b"density", "feature", b"feature", "label", b"label", "label_f1", b"label_f1", "max_value", b"max_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__label_f1: _TypeAlias = _typing.Literal["label_f1"]  # noqa: Y015
+    _WhichOneofArgType__label_f1: _TypeAlias = _typing.Literal["_label_f1", b"_label_f1"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__label_f1) -> _WhichOneofReturnType__label_f1 | None: ...
+
+Global___FeatureSummary: _TypeAlias = FeatureSummary  # noqa: Y015
+
+@_typing.final
+class ListFeaturesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    next_page_token: _builtins.str
+    total: _builtins.int
+    """Features that pass the filters, over every page."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureSummary]:
+        """In feature order."""
+
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        features: _abc.Iterable[Global___FeatureSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "next_page_token", b"next_page_token", "sae_id", b"sae_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFeaturesResponse: _TypeAlias = ListFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class SearchFeaturesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    TOP_N_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    query: _builtins.str
+    """The text to search for, e.g. "ocean" (at most Limits.max_tokens_per_prompt tokens)."""
+    top_n: _builtins.int
+    """Hits to return (0 means 10; at most Limits.max_top_k)."""
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        query: _builtins.str = ...,
+        top_n: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "sae_id", b"sae_id", "top_n", b"top_n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchFeaturesRequest: _TypeAlias = SearchFeaturesRequest  # noqa: Y015
+
+@_typing.final
+class SearchHit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    TEXT_SCORE_FIELD_NUMBER: _builtins.int
+    ACTIVATION_SCORE_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    DENSITY_FIELD_NUMBER: _builtins.int
+    feature: _builtins.int
+    score: _builtins.float
+    """Rank score: the reciprocal-rank fusion of the two matches below."""
+    text_score: _builtins.float
+    """BM25 of the query against the feature's label and example contexts (absent: no match)."""
+    activation_score: _builtins.float
+    """The feature's largest value on the query string, over its max in the catalog where one
+    exists, else in model units (absent: it did not fire on the query).
+    """
+    matched: _builtins.str
+    """Which matched: "text", "activation" or "both"."""
+    label: _builtins.str
+    density: _builtins.float
+    def __init__(
+        self,
+        *,
+        feature: _builtins.int = ...,
+        score: _builtins.float = ...,
+        text_score: _builtins.float | None = ...,
+        activation_score: _builtins.float | None = ...,
+        matched: _builtins.str = ...,
+        label: _builtins.str = ...,
+        density: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_activation_score", b"_activation_score", "_density", b"_density", "_text_score", b"_text_score", "activation_score", b"activation_score", "density", b"density", "text_score", b"text_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_activation_score", b"_activation_score", "_density", b"_density", "_text_score", b"_text_score", "activation_score", b"activation_score", "density", b"density", "feature", b"feature", "label", b"label", "matched", b"matched", "score", b"score", "text_score", b"text_score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__activation_score: _TypeAlias = _typing.Literal["activation_score"]  # noqa: Y015
+    _WhichOneofArgType__activation_score: _TypeAlias = _typing.Literal["_activation_score", b"_activation_score"]  # noqa: Y015
+    _WhichOneofReturnType__density: _TypeAlias = _typing.Literal["density"]  # noqa: Y015
+    _WhichOneofArgType__density: _TypeAlias = _typing.Literal["_density", b"_density"]  # noqa: Y015
+    _WhichOneofReturnType__text_score: _TypeAlias = _typing.Literal["text_score"]  # noqa: Y015
+    _WhichOneofArgType__text_score: _TypeAlias = _typing.Literal["_text_score", b"_text_score"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__activation_score) -> _WhichOneofReturnType__activation_score | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__density) -> _WhichOneofReturnType__density | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__text_score) -> _WhichOneofReturnType__text_score | None: ...
+
+Global___SearchHit: _TypeAlias = SearchHit  # noqa: Y015
+
+@_typing.final
+class SearchFeaturesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    HAS_CATALOG_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    has_catalog: _builtins.bool
+    """Whether the SAE has a catalog (without one, hits come from activation only)."""
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchHit]:
+        """Best first."""
+
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        hits: _abc.Iterable[Global___SearchHit] | None = ...,
+        has_catalog: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_catalog", b"has_catalog", "hits", b"hits", "sae_id", b"sae_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchFeaturesResponse: _TypeAlias = SearchFeaturesResponse  # noqa: Y015
 
 @_typing.final
 class AttributeFeaturesRequest(_message.Message):

@@ -74,6 +74,16 @@ class SaeScopeStub:
                 request_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesRequest.SerializeToString,
                 response_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesResponse.FromString,
                 _registered_method=True)
+        self.ListFeatures = channel.unary_unary(
+                '/saescope.api.v1.SaeScope/ListFeatures',
+                request_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.ListFeaturesRequest.SerializeToString,
+                response_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.ListFeaturesResponse.FromString,
+                _registered_method=True)
+        self.SearchFeatures = channel.unary_unary(
+                '/saescope.api.v1.SaeScope/SearchFeatures',
+                request_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.SearchFeaturesRequest.SerializeToString,
+                response_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.SearchFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class SaeScopeServicer:
@@ -145,6 +155,23 @@ class SaeScopeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFeatures(self, request, context):
+        """A page of an SAE's features with their labels and densities (from its catalog), filtered
+        by density and label text. FAILED_PRECONDITION when the SAE has no catalog.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchFeatures(self, request, context):
+        """Features for a text query: those whose labels and example contexts match it (BM25), and
+        those that fire most on the query string itself; each hit says which of the two matched.
+        The label/context half needs a catalog; without one only the activation half answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SaeScopeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +214,16 @@ def add_SaeScopeServicer_to_server(servicer, server):
                     servicer.AttributeFeatures,
                     request_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesRequest.FromString,
                     response_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesResponse.SerializeToString,
+            ),
+            'ListFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeatures,
+                    request_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.ListFeaturesRequest.FromString,
+                    response_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.ListFeaturesResponse.SerializeToString,
+            ),
+            'SearchFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchFeatures,
+                    request_deserializer=saescope_dot_api_dot_v1_dot_saescope__pb2.SearchFeaturesRequest.FromString,
+                    response_serializer=saescope_dot_api_dot_v1_dot_saescope__pb2.SearchFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -405,6 +442,60 @@ class SaeScope:
             '/saescope.api.v1.SaeScope/AttributeFeatures',
             saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesRequest.SerializeToString,
             saescope_dot_api_dot_v1_dot_saescope__pb2.AttributeFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saescope.api.v1.SaeScope/ListFeatures',
+            saescope_dot_api_dot_v1_dot_saescope__pb2.ListFeaturesRequest.SerializeToString,
+            saescope_dot_api_dot_v1_dot_saescope__pb2.ListFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saescope.api.v1.SaeScope/SearchFeatures',
+            saescope_dot_api_dot_v1_dot_saescope__pb2.SearchFeaturesRequest.SerializeToString,
+            saescope_dot_api_dot_v1_dot_saescope__pb2.SearchFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,15 @@ class SaeScopeStub:
     bias and the positions it does not read as nodes of their own; together they add up to
     the total (first order).
     """
+    ListFeatures: _grpc.UnaryUnaryMultiCallable[_saescope_pb2.ListFeaturesRequest, _saescope_pb2.ListFeaturesResponse]
+    """A page of an SAE's features with their labels and densities (from its catalog), filtered
+    by density and label text. FAILED_PRECONDITION when the SAE has no catalog.
+    """
+    SearchFeatures: _grpc.UnaryUnaryMultiCallable[_saescope_pb2.SearchFeaturesRequest, _saescope_pb2.SearchFeaturesResponse]
+    """Features for a text query: those whose labels and example contexts match it (BM25), and
+    those that fire most on the query string itself; each hit says which of the two matched.
+    The label/context half needs a catalog; without one only the activation half answers.
+    """
 
 @_typing.type_check_only
 class SaeScopeAsyncStub(SaeScopeStub):
@@ -114,6 +123,15 @@ class SaeScopeAsyncStub(SaeScopeStub):
     target's log-probability at the SAE's hookpoint, with the SAE's error term, its decoder
     bias and the positions it does not read as nodes of their own; together they add up to
     the total (first order).
+    """
+    ListFeatures: _aio.UnaryUnaryMultiCallable[_saescope_pb2.ListFeaturesRequest, _saescope_pb2.ListFeaturesResponse]  # type: ignore[assignment]
+    """A page of an SAE's features with their labels and densities (from its catalog), filtered
+    by density and label text. FAILED_PRECONDITION when the SAE has no catalog.
+    """
+    SearchFeatures: _aio.UnaryUnaryMultiCallable[_saescope_pb2.SearchFeaturesRequest, _saescope_pb2.SearchFeaturesResponse]  # type: ignore[assignment]
+    """Features for a text query: those whose labels and example contexts match it (BM25), and
+    those that fire most on the query string itself; each hit says which of the two matched.
+    The label/context half needs a catalog; without one only the activation half answers.
     """
 
 class SaeScopeServicer(metaclass=_abc_1.ABCMeta):
@@ -194,6 +212,27 @@ class SaeScopeServicer(metaclass=_abc_1.ABCMeta):
         target's log-probability at the SAE's hookpoint, with the SAE's error term, its decoder
         bias and the positions it does not read as nodes of their own; together they add up to
         the total (first order).
+        """
+
+    @_abc_1.abstractmethod
+    def ListFeatures(
+        self,
+        request: _saescope_pb2.ListFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saescope_pb2.ListFeaturesResponse, _abc.Awaitable[_saescope_pb2.ListFeaturesResponse]]:
+        """A page of an SAE's features with their labels and densities (from its catalog), filtered
+        by density and label text. FAILED_PRECONDITION when the SAE has no catalog.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchFeatures(
+        self,
+        request: _saescope_pb2.SearchFeaturesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saescope_pb2.SearchFeaturesResponse, _abc.Awaitable[_saescope_pb2.SearchFeaturesResponse]]:
+        """Features for a text query: those whose labels and example contexts match it (BM25), and
+        those that fire most on the query string itself; each hit says which of the two matched.
+        The label/context half needs a catalog; without one only the activation half answers.
         """
 
 def add_SaeScopeServicer_to_server(servicer: SaeScopeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -36,7 +36,6 @@ def parser() -> argparse.ArgumentParser:
     p = common.base_parser(__doc__ or "")
     p.add_argument("--sae", type=Path, default=default_sae.shipped_dir(), help="a checkpoint")
     p.add_argument("--tokens", type=int, default=65_536, help="model tokens per build")
-    p.add_argument("--rounds", type=int, default=3, help="builds (and forwards) to time")
     return p
 
 
@@ -65,7 +64,7 @@ def measure(args: argparse.Namespace) -> None:
 
     _, meta = load_sae(args.sae)
     tokens = 8_192 if args.quick else args.tokens
-    rounds = 1 if args.quick else args.rounds
+    rounds = 1 if args.quick else (args.rounds or 3)
     assert meta.model is not None
     name = models.DEFAULT_MODEL if meta.model == models.DEFAULT_MODEL_NAME else meta.model
     _, tokenizer = models.load_model(name, device="cpu")

@@ -51,6 +51,22 @@ def test_info(engine: Engine) -> None:
     assert saes["main"].metrics["fvu"] == 0.25 and saes["main"].tokens_seen == 12345
 
 
+def test_a_recorded_evaluation_is_what_info_reports(engine: Engine) -> None:
+    """A shipped SAE's held-out evaluation replaces the training log's metrics in GetInfo,
+    without the settings recorded beside it."""
+    import dataclasses
+
+    main = engine.rt.saes["main"]
+    evaluated = dataclasses.replace(
+        main,
+        meta=dataclasses.replace(
+            main.meta, eval={"fvu": 0.1, "l0": 64, "context_size": 256, "data": {"x": 1}}
+        ),
+    )
+    assert evaluated.info().metrics == {"fvu": 0.1, "l0": 64.0}
+    assert main.info().metrics["fvu"] == 0.25  # none recorded: the training's
+
+
 def test_startup_errors_name_the_sae(engine: Engine, tmp_path) -> None:
     """Each SAE is checked against the model when loaded; errors name its sae_id."""
     model, cpu = engine.rt.model, torch.device("cpu")

@@ -149,8 +149,13 @@ class LoadedSae:
 
     def info(self) -> SaeInfo:
         cfg = self.sae.cfg
-        # A shipped SAE carries its held-out evaluation; else the training's last log window.
-        metrics = self.meta.eval or self.meta.metrics
+        # A shipped SAE carries its held-out evaluation (less the settings recorded with it);
+        # else the training's last log window.
+        metrics = (
+            {k: v for k, v in self.meta.eval.items() if k not in EVAL_SETTINGS}
+            if self.meta.eval
+            else self.meta.metrics
+        )
         return SaeInfo(
             sae_id=self.sae_id,
             hookpoint=self.hookpoint,
@@ -178,6 +183,10 @@ class LoadedSae:
                 f"{field}: feature {feature} does not exist in SAE {self.sae_id!r} "
                 f"(d_sae = {self.d_sae})"
             )
+
+
+EVAL_SETTINGS = frozenset({"context_size", "skip_first_positions", "outlier_norm_factor", "data"})
+"""Keys of a recorded evaluation that say how it was run, not what it measured."""
 
 
 @dataclass

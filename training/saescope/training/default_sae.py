@@ -22,6 +22,7 @@ Standard library only at import (the command line imports it to name the default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -71,11 +72,10 @@ def ship(
     from saescope.training.paths import sha256_file
 
     checkpoint = Path(checkpoint)
-    ck.verify(checkpoint)
+    meta = ck.verify(checkpoint)  # the typed record, every file's hash checked
     target = getattr(torch, dtype, None)
     if not isinstance(target, torch.dtype) or not target.is_floating_point:
         raise ValueError(f"dtype: {dtype!r} is not a floating-point torch dtype")
-    meta = json.loads((checkpoint / ck.META_FILE).read_text())
     with atomic_directory(Path(out)) as tmp:
         weights = load_file(str(checkpoint / ck.WEIGHTS_FILE))
         save_file({k: v.to(target).contiguous() for k, v in weights.items()}, tmp / ck.WEIGHTS_FILE)
@@ -84,13 +84,16 @@ def ship(
         (tmp / ck.CFG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if (checkpoint / ck.SPARSITY_FILE).is_file():
             shutil.copyfile(checkpoint / ck.SPARSITY_FILE, tmp / ck.SPARSITY_FILE)
-        meta["files"] = {
+        files = {
             str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()
         }
-        meta["shipped"] = {"dtype": dtype, "recipe": RECIPE, "from_tokens": meta.get("tokens_seen")}
-        if evaluation is not None:
-            meta["eval"] = evaluation
-        (tmp / ck.META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        shipped = {"dtype": dtype, "recipe": RECIPE, "from_tokens": meta.tokens_seen}
+        record = dataclasses.replace(
+            meta, files=files, shipped=shipped, eval=evaluation if evaluation else meta.eval
+        )
+        (tmp / ck.META_FILE).write_text(
+            json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n"
+        )
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         if size > MAX_BYTES:
             raise ValueError(

@@ -186,8 +186,10 @@ def build_planted_sae(
     *,
     d_sae: int = 128,
     seed: int = 1,
+    skip_first: int = 0,
 ) -> Path:
-    """An SAE like ``build_tiny_sae`` whose feature ``PLANTED_FEATURE`` detects ``token``.
+    """An SAE like ``build_tiny_sae`` whose feature ``PLANTED_FEATURE`` detects ``token``;
+    ``skip_first`` is the positions rule it records (leading positions it never saw).
 
     Its direction is the difference of the mean residuals at ``token`` and elsewhere over
     ``CALIBRATION``, its bias the midpoint between the weakest projection at the token and the
@@ -209,7 +211,9 @@ def build_planted_sae(
         sae.W_dec[PLANTED_FEATURE] = w
         sae.W_enc[:, PLANTED_FEATURE] = w * gain
         sae.b_enc[PLANTED_FEATURE] = -threshold * gain
-    meta = checkpoint.CheckpointMeta(model=str(model_dir), hookpoint=hookpoint, sae=sae.cfg)
+    meta = checkpoint.CheckpointMeta(
+        model=str(model_dir), hookpoint=hookpoint, sae=sae.cfg, skip_first_positions=skip_first
+    )
     return checkpoint.save_checkpoint(Path(out_dir), sae, meta)
 
 

@@ -27,6 +27,9 @@ slices of ``engine.slice_tokens`` tokens, which concurrent calls run in turns. G
 streams come from the engine's decode batcher (``generation_io``); they stop decoding when the
 call is cancelled or its deadline passes.
 
+The same deployment serves the web explorer over Serve's HTTP proxy (``web``: its pages, and
+every RPC transcoded to JSON, calling the methods below with an HTTP request as their context).
+
 Start it with ``saescope serve``, or ``serve run`` on the shipped ``serve-default`` config; the
 Serve config's ``args`` are validated by ``AppConfig``.
 """
@@ -47,7 +50,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from ray import serve
 from ray.serve import Application
-from ray.serve.grpc_util import RayServegRPCContext
+from starlette.applications import Starlette
 
 from saescope.api.v1 import saescope_pb2 as pb
 from saescope.service import convert
@@ -66,6 +69,7 @@ from saescope.service.types import (
     GenerationResult,
     PromptActivations,
 )
+from saescope.service.web import CallContext, build_web_app
 
 logger = logging.getLogger("ray.serve")
 R = TypeVar("R")
@@ -86,7 +90,7 @@ def _unary_rpc(rpc: str, method: Callable[..., Any]) -> Callable[..., Any]:
     )
     name = method.__name__
 
-    async def call(self: SaeScope, request: Message, grpc_context: RayServegRPCContext) -> Message:
+    async def call(self: SaeScope, request: Message, grpc_context: CallContext) -> Message:
         async with self._call(rpc, grpc_context):
             req = convert.request(request, request_type)
             return convert.response(
@@ -107,6 +111,7 @@ def _with_unary_rpcs(cls: type[R]) -> type[R]:
 
 
 @serve.deployment(name="SaeScope")
+@serve.ingress()  # the web explorer, built by __serve_build_asgi_app__ once the engine is up
 @_with_unary_rpcs
 class SaeScope:
     """Hosts the model and its SAEs; answers ``saescope.api.v1.SaeScope``."""
@@ -161,15 +166,19 @@ class SaeScope:
         if engine is not None:
             engine.close()
 
+    def __serve_build_asgi_app__(self) -> Starlette:
+        """The web explorer (``web``): its API calls go to the RPC methods below by name."""
+        return build_web_app(partial(getattr, self), failed=RpcFailed)
+
     # ---- RPCs (named as in saescope.proto) -----------------------------------------------------
     async def GetInfo(
-        self, request: pb.GetInfoRequest, grpc_context: RayServegRPCContext
+        self, request: pb.GetInfoRequest, grpc_context: CallContext
     ) -> pb.GetInfoResponse:
         async with self._call("GetInfo", grpc_context):
             return self._info
 
     async def GetFeatureActivations(
-        self, request: pb.GetFeatureActivationsRequest, grpc_context: RayServegRPCContext
+        self, request: pb.GetFeatureActivationsRequest, grpc_context: CallContext
     ) -> pb.GetFeatureActivationsResponse:
         async with self._call("GetFeatureActivations", grpc_context):
             result = await self._activations(convert.request(request, ActivationsRequest))
@@ -178,7 +187,7 @@ class SaeScope:
             return convert.response(result, pb.GetFeatureActivationsResponse)
 
     async def GenerateSteered(
-        self, request: pb.GenerateSteeredRequest, grpc_context: RayServegRPCContext
+        self, request: pb.GenerateSteeredRequest, grpc_context: CallContext
     ) -> pb.GenerateSteeredResponse:
         async with self._call("GenerateSteered", grpc_context):
             req = convert.request(request, GenerateRequest)
@@ -190,7 +199,7 @@ class SaeScope:
             return convert.response(result, pb.GenerateSteeredResponse)
 
     async def StreamGenerateSteered(
-        self, request: pb.GenerateSteeredRequest, grpc_context: RayServegRPCContext
+        self, request: pb.GenerateSteeredRequest, grpc_context: CallContext
     ) -> AsyncIterator[pb.GenerateSteeredEvent]:
         # An async generator: when the client cancels (or its deadline passes), Serve cancels
         # this task; closing the stream cancels the engine's handle, and decoding stops.
@@ -206,7 +215,7 @@ class SaeScope:
 
     # ---- the one place errors become status codes ------------------------------------------------
     @asynccontextmanager
-    async def _call(self, rpc: str, ctx: RayServegRPCContext) -> AsyncIterator[None]:
+    async def _call(self, rpc: str, ctx: CallContext) -> AsyncIterator[None]:
         start = time.perf_counter()
         code = "OK"
         if self._sampler is None:
@@ -251,7 +260,7 @@ class SaeScope:
 MAX_DETAILS_BYTES = 1024
 
 
-def _fail(ctx: RayServegRPCContext, code: str, details: str) -> RpcFailed:
+def _fail(ctx: CallContext, code: str, details: str) -> RpcFailed:
     """Set the call's status. Details are cut to ``MAX_DETAILS_BYTES`` of UTF-8: they echo the
     caller's input (an unknown sae_id, a role), and gRPC percent-encodes non-ASCII bytes into a
     header that clients cap at 8–16 KiB — over it, the caller would see RESOURCE_EXHAUSTED."""

@@ -49,6 +49,7 @@ class ServeSetup:
     sae_path: Path
     device: str = "cpu"  # where the service runs; the in-process baselines run there too
     dtype: str = "float32"  # the model's weights, in the service and the baselines
+    http_url: str = ""  # Serve's HTTP proxy (the web explorer under /{application}/)
 
     def client(self) -> Any:
         from saescope.client import Client
@@ -92,8 +93,10 @@ def serve_default(
             d_sae=4096,
         )
         args = app_args(sae, torch_threads=torch_threads, device=device, dtype=dtype)
-        with start_app(args) as target:
-            yield ServeSetup(target, APP_NAME, "default", BENCH_SAE_ID, sae, device, dtype)
+        with start_app(args) as (target, http_url):
+            yield ServeSetup(
+                target, APP_NAME, "default", BENCH_SAE_ID, sae, device, dtype, http_url
+            )
 
 
 def serve_main(
@@ -114,8 +117,9 @@ def serve_main(
 
 
 @contextmanager
-def start_app(args: dict[str, Any]) -> Iterator[str]:
-    """Ray + Serve (gRPC proxy on a free port) + the app with ``args``; yields the gRPC target."""
+def start_app(args: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """Ray + Serve (gRPC and HTTP proxies on free ports) + the app with ``args``; yields the
+    gRPC target and the HTTP proxy's address."""
     import ray
     from ray import serve
 
@@ -142,7 +146,7 @@ def start_app(args: dict[str, Any]) -> Iterator[str]:
         target = f"127.0.0.1:{grpc_port}"
         _wait_for_grpc(target, (("application", APP_NAME),), timeout=300)
         _wait_for_http(f"http://127.0.0.1:{http_port}/-/healthz")
-        yield target
+        yield target, f"http://127.0.0.1:{http_port}"
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtualenv with the right torch, the project with every extra,
-# and the system tools the tests use (promtool). Safe to run again.
+# and the system tools the tests use (promtool, Chromium). Safe to run again.
 #
 #   scripts/setup.sh VENV TORCH_CPU [locked|latest]
 #
@@ -47,8 +47,17 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
             || echo "setup: could not install prometheus (promtool); k8s rule tests will fail" >&2
     fi
-elif ! command -v promtool >/dev/null 2>&1; then
-    echo "setup: promtool not found; install Debian's 'prometheus' package for the k8s tests" >&2
+    # The web explorer's tests drive Debian's Chromium through Playwright (which downloads no
+    # browser of its own here).
+    if ! command -v chromium >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || echo "setup: could not install chromium; the web explorer tests will fail" >&2
+    fi
+else
+    command -v promtool >/dev/null 2>&1 \
+        || echo "setup: promtool not found; install Debian's 'prometheus' package for the k8s tests" >&2
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+        || echo "setup: chromium not found; install it for the web explorer tests" >&2
 fi
 
 # The Node.js client's dependencies, for its test against the running service.

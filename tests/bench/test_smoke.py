@@ -46,6 +46,7 @@ def test_serve_benches_run(serve_instance: ServeInstance, tmp_path: Path) -> Non
         model=str(serve_instance.model_dir),
         sae_id=sae_id,
         sae_path=serve_instance.sae_paths[sae_id],
+        http_url=serve_instance.http_url,
     )
     args = common.base_parser("").parse_args(["--quick", "--out", str(tmp_path)])
     for bench in run_all.SERVE:  # every serving bench ``make bench`` runs
@@ -79,3 +80,22 @@ def test_wire_convert_runs(tmp_path: Path) -> None:
     wire_convert.main(["--quick", "--out", str(tmp_path), "--no-report"])
     res = _check(tmp_path, wire_convert.NAME)
     assert {row["conversion"] for row in res["rows"]} == {"encode activations", "decode contrast"}
+
+
+def test_web_latency_runs(serve_instance: ServeInstance, tmp_path: Path) -> None:
+    """The explorer's bench (not in ``make bench``'s serving set: it serves the default SAE
+    with its catalog) runs against the tiny instance, browser included."""
+    from bench import web_latency
+
+    setup = ServeSetup(
+        grpc_target=serve_instance.grpc_target,
+        application=serve_instance.app_name,
+        model=str(serve_instance.model_dir),
+        sae_id=serve_instance.default_sae_id,
+        sae_path=serve_instance.sae_paths[serve_instance.default_sae_id],
+        http_url=serve_instance.http_url,
+    )
+    args = common.base_parser("").parse_args(["--quick", "--out", str(tmp_path)])
+    web_latency.measure(setup, args)
+    res = _check(tmp_path, web_latency.NAME)
+    assert {t["metric"] for t in res["targets"]} >= {"feature page drawn (ms)"}

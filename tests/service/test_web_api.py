@@ -13,7 +13,7 @@ import http.client
 import json
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -97,7 +97,7 @@ def test_unary_calls_equal_the_grpc_answers(serve_instance: ServeInstance, base:
 def test_mistakes_get_the_grpc_code_and_its_http_status(
     base: str, rpc: str, body: dict[str, Any] | bytes, status: int, code: str, names: str
 ) -> None:
-    got, headers, raw = post(base, rpc, body)
+    got, _, raw = post(base, rpc, body)
     error = json.loads(raw)
     assert (got, error["code"]) == (status, code), error
     assert names in error["message"]
@@ -164,7 +164,9 @@ def test_a_keyless_service_answers_only_loopback_callers(
 JSON = "application/json"
 
 
-def stream_lines(base: str, body: dict[str, Any]) -> Iterator[tuple[float, dict[str, Any]]]:
+def stream_lines(
+    base: str, body: dict[str, Any]
+) -> Generator[tuple[float, dict[str, Any]], None, None]:
     """The NDJSON events of StreamGenerateSteered with the time each arrived."""
     url = urllib.parse.urlsplit(base)
     conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)

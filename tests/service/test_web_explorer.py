@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +94,19 @@ def page(browser: Any, tmp_path: Path) -> Iterator[Any]:
     # check it does), anything else that fails to load is an error.
     tab.on(
         "response",
-        lambda r: errors.append(f"{r.status} {r.url}")
-        if r.status >= 400 and "/api/v1/" not in r.url
-        else None,
+        lambda r: (
+            errors.append(f"{r.status} {r.url}")
+            if r.status >= 400 and "/api/v1/" not in r.url
+            else None
+        ),
     )
     tab.on(
         "console",
-        lambda m: errors.append(m.text)
-        if m.type == "error" and not m.text.startswith("Failed to load resource")
-        else None,
+        lambda m: (
+            errors.append(m.text)
+            if m.type == "error" and not m.text.startswith("Failed to load resource")
+            else None
+        ),
     )
     yield tab
     context.close()
@@ -128,7 +132,7 @@ def test_search_finds_the_planted_feature_and_its_page_shows_it(
     page: Any, explorer: dict[str, Any], tmp_path: Path
 ) -> None:
     page.goto(explorer["url"])
-    page.wait_for_selector("#sae option")
+    page.wait_for_selector("#sae option", state="attached")
     assert page.is_hidden("#key-form") and page.is_hidden("#error")
     page.fill("#search-query", "banana")
     page.click("#search-button")

@@ -35,7 +35,9 @@ def chromium_path() -> str:
         (p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None
     )
     if path is None:
-        raise RuntimeError(f"no Chromium for the browser tests: {INSTALL}, or set SAESCOPE_CHROMIUM")
+        raise RuntimeError(
+            f"no Chromium for the browser tests: {INSTALL}, or set SAESCOPE_CHROMIUM"
+        )
     return path
 
 

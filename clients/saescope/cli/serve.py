@@ -1,12 +1,13 @@
 """``saescope serve``: run the service locally — Ray, Serve's gRPC proxy, the saescope app.
 
 ``saescope serve [--config NAME|serve.yaml] [--grpc-port 9000] [--http-port 8000] [--model M]
-[--sae ID=PATH …]`` starts Ray on this machine, Serve with its gRPC proxy (and the HTTP proxy,
-for ``/-/healthz``), deploys the app, prints how to call it and serves until Ctrl-C. ``--config``
-takes a Serve config file or a shipped one by name (``serve-default``: the same document ``serve
-run`` and KubeRay take); flags override it. With no SAE configured, the default SAE is served:
-the one shipped inside the package (``saescope.training.default_sae``), so nothing is trained.
-Ray and the service are imported inside the handler.
+[--sae ID=PATH …]`` starts Ray on this machine, Serve with its gRPC proxy and its HTTP proxy
+(the web explorer at ``/saescope/``, and ``/-/healthz``), deploys the app, prints how to call it
+and serves until Ctrl-C. ``--config`` takes a Serve config file or a shipped one by name
+(``serve-default``: the same document ``serve run`` and KubeRay take); flags override it. With
+no SAE configured, the default SAE is served: the one shipped inside the package
+(``saescope.training.default_sae``), so nothing is trained. Ray and the service are imported
+inside the handler.
 
 Loopback unless told otherwise: the HTTP proxy binds ``--host`` (127.0.0.1 by default), and
 Serve's gRPC proxy listens on every interface but, without an API key, the service answers only
@@ -47,7 +48,9 @@ def register(sub: Any) -> None:
         help="a Serve config: a shipped one by name (e.g. serve-default) or a file",
     )
     p.add_argument("--grpc-port", type=int, help="gRPC port (default: the config's, else 9000)")
-    p.add_argument("--http-port", type=int, help="HTTP port for /-/healthz (default 8000)")
+    p.add_argument(
+        "--http-port", type=int, help="HTTP port: the web explorer and /-/healthz (default 8000)"
+    )
     p.add_argument(
         "--host",
         help="HTTP bind address (default: the config's, else 127.0.0.1); beyond loopback, "
@@ -220,6 +223,7 @@ def _read_serve_config(path: Path) -> tuple[dict[str, Any], int, int, str]:
 
 def _print_usage(plan: _Plan) -> None:
     port = plan.grpc_port
+    browse_host = "localhost" if plan.host in ("0.0.0.0", "::", "127.0.0.1") else plan.host
     key_env = plan.app_args.get("api_key_env")
     access = (
         f"Callers send a key from ${key_env} as metadata x-api-key (grpcurl -H 'x-api-key: …';\n"
@@ -227,10 +231,18 @@ def _print_usage(plan: _Plan) -> None:
         if key_env
         else "No API key: only callers on this machine (loopback) are answered."
     )
+    access += (
+        "\nThe explorer's pages ask for the key; HTTP callers send it as header x-api-key."
+        if key_env
+        else ""
+    )
     print(
         f"""
 saescope is serving on gRPC port {port} (health: http://{plan.host}:{plan.http_port}/-/healthz,
 and grpc.health.v1 on the gRPC port). {access}
+
+  The web explorer: http://{browse_host}:{plan.http_port}/{APP_NAME}/
+  (the same API as JSON: POST http://{browse_host}:{plan.http_port}/{APP_NAME}/api/v1/<Rpc>)
 
   grpcurl -plaintext -H 'application: {APP_NAME}' \\
       -d '{{"prompts": [{{"text": "The cat sat on the mat"}}], "top_k_per_token": 5}}' \\

@@ -32,6 +32,7 @@ ORDER = (
     "synth_bench",
     "sae_dtype",
     "catalog_speed",
+    "web_latency",
     "wire_convert",
 )
 Result = dict[str, Any]

@@ -1,6 +1,7 @@
 """The installed package, outside the repository: build the wheel, install ``saescope[serve]``
 into a fresh virtualenv in a temporary folder, and run ``saescope train --config <name>``,
-``saescope eval`` and ``saescope serve`` from there, with no checkout on the path.
+``saescope eval`` and ``saescope serve`` (over gRPC, and its web explorer over HTTP) from there,
+with no checkout on the path.
 
 What could break once installed and nowhere else: the shipped configs (package data, chosen by
 name), the generated stubs and the proxy patch that Serve imports by path, the ``saescope`` entry
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +148,17 @@ def test_installed_package_trains_evaluates_and_serves(
             env,
         )
         assert json.loads(acts)["prompts"][0]["tokens"]
+        # The web explorer's pages are package data; its API answers as gRPC does.
+        explorer = f"http://127.0.0.1:{http_port}/saescope/"
+        with urllib.request.urlopen(explorer, timeout=60) as r:
+            assert b"saescope explorer" in r.read()
+        with urllib.request.urlopen(explorer + "static/js/pages/feature.js", timeout=60) as r:
+            assert b"featurePage" in r.read()
+        call = urllib.request.Request(
+            explorer + "api/v1/GetInfo", b"{}", {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(call, timeout=60) as r:
+            assert json.loads(r.read())["saes"][0]["sae_id"] == "tiny"
     finally:
         # Ctrl-C, then (as `docker stop` would) SIGTERM: both shut down cleanly. Ray's shutdown
         # can take a minute on a loaded 2-core machine.

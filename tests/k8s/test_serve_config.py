@@ -52,7 +52,8 @@ def test_declares_the_saescope_app_and_grpc_proxy(kustomization: str) -> None:
     ]
     assert config["http_options"]["port"] == HTTP_PORT
     app = cluster.app_config(kustomization)
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("saescope", "/", IMPORT_PATH)
+    expected = ("saescope", "/saescope", IMPORT_PATH)  # the web explorer at /saescope/
+    assert (app["name"], app["route_prefix"], app["import_path"]) == expected
     assert [d["name"] for d in app["deployments"]] == ["SaeScope"]
     # The proxies bound gRPC messages as `saescope serve` does (Serve's default is 2 GiB).
     from saescope.service import wire_limits

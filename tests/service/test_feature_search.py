@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,30 @@ def test_ranking_and_fuse_say_what_matched() -> None:
     assert by_feature[0][2:] == (None, 0.5)  # activation only
     assert 2 not in by_feature  # neither
     assert [h[0] for h in fuse(None, act, top_n=1)] == [3]
+
+
+def test_a_one_token_query_is_read_past_the_attention_sink(tmp_path: Path) -> None:
+    """An SAE that never saw a sequence's first position (as trained SAEs record) still finds
+    its feature for a query of one token: the query is read after a document boundary, where
+    the SAE reads text in training, not on the sink where it would be left out."""
+    from saescope.service.engine import Engine
+    from saescope.service.types import SearchFeaturesRequest
+    from tests.service.engine_fixtures import (
+        PLANTED_FEATURE,
+        PLANTED_TOKEN,
+        TEST_LIMITS,
+        build_planted_sae,
+        build_tiny_model,
+    )
+
+    model = build_tiny_model(tmp_path / "model")
+    sae = build_planted_sae(tmp_path / "sae", model, "model.layers.0", skip_first=1)
+    engine = Engine(str(model), {"p": str(sae)}, device="cpu", limits=TEST_LIMITS)
+    try:
+        (token,) = engine.rt.tokenizer(PLANTED_TOKEN, add_special_tokens=False)["input_ids"]
+        assert engine.rt.tokenizer(PLANTED_TOKEN)["input_ids"] == [token]  # no BOS of its own
+        hits = engine.search_features(SearchFeaturesRequest(query=PLANTED_TOKEN, sae_id="p")).hits
+        assert hits and hits[0].feature == PLANTED_FEATURE
+        assert hits[0].matched == "activation" and hits[0].activation_score > 0
+    finally:
+        engine.close()

@@ -46,7 +46,14 @@ from saescope.service.activations import ActivationsPart, ActivationsPlan
 from saescope.service.errors import InvalidArgument, OutOfRange, SaescopeError
 from saescope.service.generation import DecodeBatcher, GenerationPlan
 from saescope.service.output_scores import output_scores
-from saescope.service.runtime import DTYPES, EngineObserver, ModelRuntime, NoObserver, load_saes
+from saescope.service.runtime import (
+    DTYPES,
+    EngineObserver,
+    LoadedSae,
+    ModelRuntime,
+    NoObserver,
+    load_saes,
+)
 from saescope.service.sampling import plan_sampling
 from saescope.service.steering import RowEdits, distinct_features, validate_interventions
 from saescope.service.streams import GenerationHandle
@@ -75,7 +82,7 @@ from saescope.service.types import (
     Tokenization,
     TokenizeRequest,
 )
-from saescope.training import models
+from saescope.training import models, positions
 
 
 def _version() -> str:
@@ -312,14 +319,30 @@ class Engine(EngineClient):
         ls = self.rt.get_sae(req.sae_id)
         top_n = catalog.validate_search(req, self.limits, self.prompt_limits.max_chars)
         enc = prompts.encode(self.rt, Prompt(text=req.query), "query", self.prompt_limits)
-        (resid,) = activations.forward_residuals(self.rt, [enc.ids], [ls.hookpoint])
+        ids, special = self._past_the_sink(ls, enc)
+        (resid,) = activations.forward_residuals(self.rt, [ids], [ls.hookpoint])
         x = resid[ls.hookpoint]  # (T, d_in)
         with torch.inference_mode():
             f = self.rt.encode(ls, x)  # (T, d_sae)
-            read = ls.aggregation_mask(x, enc.special_mask(), include_special=False)  # (T,)
+            read = ls.aggregation_mask(x, special, include_special=False)  # (T,)
             peaks = activations.aggregate(f, read, "max").float().cpu().numpy()  # (d_sae,)
         density = None if ls.log_density is None else ls.log_density.numpy()
         return catalog.search(ls.sae_id, ls.catalog, density, req.query, peaks, top_n)
+
+    def _past_the_sink(self, ls: LoadedSae, enc: prompts.Encoded) -> tuple[list[int], list[bool]]:
+        """A query's ids with document-boundary tokens (BOS, else EOS) before it, as many as
+        the SAE's first positions it never saw, less the special tokens the tokenizer already
+        put there: the query's own tokens then sit where the SAE reads, as in its training
+        contexts, where text follows a boundary. Without this, a one-token query ("ocean")
+        would stand on the attention sink alone and match nothing by activation."""
+        tok = self.rt.tokenizer
+        boundary = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        special = enc.special_mask()
+        leading = next((i for i, s in enumerate(special) if not s), len(special))
+        pad = positions.rules_of(ls.meta).skip_first - leading
+        if boundary is None or pad <= 0:
+            return enc.ids, special
+        return [int(boundary)] * pad + enc.ids, [True] * pad + special
 
     # ---- AttributeFeatures -----------------------------------------------------------------------
     def attribute(self, req: AttributeRequest) -> Attribution:

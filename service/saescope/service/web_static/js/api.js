@@ -38,8 +38,7 @@ async function failure(response) {
   return new ApiError(body.code || "UNKNOWN", body.message || "", response.status);
 }
 
-// One unary RPC: the response message as an object.
-export async function call(rpc, request = {}, signal = undefined) {
+async function post(rpc, request, signal) {
   const response = await fetch(`api/v1/${rpc}`, {
     method: "POST",
     headers: headers(),
@@ -47,19 +46,36 @@ export async function call(rpc, request = {}, signal = undefined) {
     signal,
   });
   if (!response.ok) throw await failure(response);
-  return response.json();
+  return response;
+}
+
+// One unary RPC: the response message as an object.
+export async function call(rpc, request = {}, signal = undefined) {
+  return (await post(rpc, request, signal)).json();
+}
+
+// Features' labels and largest catalog values (GetFeature, asked for little else), by id;
+// a feature whose lookup fails gets an empty label.
+export async function featureSummaries(sae, ids) {
+  const small = { top_logits: 1, neighbours: 1, examples_page_size: 1, quantile_examples: 1 };
+  const found = await Promise.all(
+    ids.map((feature) => call("GetFeature", { sae_id: sae, feature, ...small }).catch(() => null)),
+  );
+  return new Map(
+    ids.map((id, i) => [
+      id,
+      {
+        label: found[i]?.label?.text || "",
+        max: found[i]?.top_examples?.length ? Number(found[i].top_examples[0].max_value) : null,
+      },
+    ]),
+  );
 }
 
 // A server-streaming RPC: onEvent(event) for each line as it arrives; resolves when the stream
 // ends, rejects with an ApiError on a failure (before or during the stream) or when aborted.
 export async function stream(rpc, request, onEvent, signal = undefined) {
-  const response = await fetch(`api/v1/${rpc}`, {
-    method: "POST",
-    headers: headers(),
-    body: JSON.stringify(request),
-    signal,
-  });
-  if (!response.ok) throw await failure(response);
+  const response = await post(rpc, request, signal);
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffered = "";

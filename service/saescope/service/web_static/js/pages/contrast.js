@@ -1,7 +1,7 @@
 // The contrast page: two prompt sets (one per line), SearchFeaturesByContrast, both directions'
 // hits with their statistics and where they fire; the difference in means of the residual
 // stream is kept for the steering playground.
-import { call } from "../api.js";
+import { call, featureSummaries } from "../api.js";
 import { showError, state } from "../main.js";
 import { featureLink, fmt, h, pct, section, shown, table } from "../ui.js";
 import { VECTOR } from "./steer.js";
@@ -28,7 +28,7 @@ function hits(list, names, id) {
     ["feature", "label", "mean +", "mean −", "effect g", "AUROC", "p (BH)", "active + / −", "fires on", ""],
     list.map((hit) => [
       featureLink(state.sae, hit.feature),
-      names.get(hit.feature) || "",
+      names.get(hit.feature).label,
       fmt(hit.mean_positive),
       fmt(hit.mean_negative),
       fmt(hit.effect_size, 2),
@@ -40,22 +40,6 @@ function hits(list, names, id) {
     ]),
     { id, class: "hits" },
   );
-}
-
-async function labels(ids) {
-  const entries = await Promise.all(
-    ids.map(async (feature) => {
-      try {
-        const f = await call("GetFeature", {
-          sae_id: state.sae, feature, top_logits: 1, neighbours: 1, examples_page_size: 1, quantile_examples: 1,
-        });
-        return [feature, f.label?.text || ""];
-      } catch (_) {
-        return [feature, ""];
-      }
-    }),
-  );
-  return new Map(entries);
 }
 
 export async function contrastPage(main) {
@@ -101,7 +85,10 @@ export async function contrastPage(main) {
       top_n: Number(topN.value),
       locations_per_hit: 3,
     });
-    const names = await labels([...res.positive_hits, ...res.negative_hits].map((x) => x.feature));
+    const names = await featureSummaries(
+      state.sae,
+      [...res.positive_hits, ...res.negative_hits].map((x) => x.feature),
+    );
     const steer = h("button", {
       type: "button",
       id: "steer-vector",

@@ -2,28 +2,12 @@
 // Positions the SAE never saw in training (the attention sink, norm outliers) are marked and
 // left out of the prompt's top features; click a token for its features, a feature to shade
 // the text by its value, or its number for its page.
-import { call, decodeTensor } from "../api.js";
+import { call, decodeTensor, featureSummaries } from "../api.js";
 import { showError, state } from "../main.js";
 import { featureLink, fmt, h, section, shown, table, tokenRow } from "../ui.js";
 
 const TOP_PER_TOKEN = 8;
 const TOP_FEATURES = 12;
-
-async function labels(ids) {
-  const pages = await Promise.all(
-    ids.map((feature) =>
-      call("GetFeature", {
-        sae_id: state.sae,
-        feature,
-        top_logits: 1,
-        neighbours: 1,
-        examples_page_size: 1,
-        quantile_examples: 1,
-      }).catch(() => null),
-    ),
-  );
-  return new Map(ids.map((id, i) => [id, pages[i]?.label?.text || ""]));
-}
 
 export async function promptPage(main, { query }) {
   const text = h("textarea", { id: "prompt-text", rows: 4 }, query.get("text") || "");
@@ -70,12 +54,12 @@ async function analyse(out, text) {
     span.addEventListener("click", () => showToken(detail, p, i, tokens));
   });
   const top = p.top_features || { features: [], values: [] };
-  const names = await labels(top.features);
+  const names = await featureSummaries(state.sae, top.features);
   const list = table(
     ["feature", "label", "max", ""],
     top.features.map((f, i) => [
       featureLink(state.sae, f),
-      names.get(f) || h("span", { class: "muted" }, "(no label)"),
+      names.get(f).label || h("span", { class: "muted" }, "(no label)"),
       fmt(top.values[i]),
       h("button", { type: "button", class: "small", onclick: () => shade(tokens, text, f).catch(showError) }, "shade text"),
     ]),

@@ -1,7 +1,7 @@
 // The steering playground: features clamped, added, multiplied or ablated (the SAE's error term
 // kept), or a contrast's difference-in-means vector added, over a scope; the unsteered
 // baseline and the steered continuation stream side by side (StreamGenerateSteered, same seed).
-import { call, stream } from "../api.js";
+import { featureSummaries, stream } from "../api.js";
 import { showError, state } from "../main.js";
 import { featureLink, fmt, h } from "../ui.js";
 
@@ -35,19 +35,13 @@ function featureRow(feature = "", mode = "MODE_CLAMP", value = "") {
   );
   const look = async () => {
     if (id.value === "") return;
-    try {
-      const f = await call("GetFeature", {
-        sae_id: state.sae, feature: Number(id.value), top_logits: 1, neighbours: 1, examples_page_size: 1, quantile_examples: 1,
-      });
-      const max = f.top_examples.length ? Number(f.top_examples[0].max_value) : null;
-      hint.replaceChildren(
-        featureLink(state.sae, f.feature, f.label?.text || `feature ${f.feature}`),
-        max ? ` · catalog max ${fmt(max, 2)}` : "",
-      );
-      if (val.value === "" && max) val.value = String(Number((2 * max).toPrecision(3)));
-    } catch (err) {
-      hint.textContent = err.message;
-    }
+    const feature = Number(id.value);
+    const { label, max } = (await featureSummaries(state.sae, [feature])).get(feature);
+    hint.replaceChildren(
+      featureLink(state.sae, feature, label || `feature ${feature}`),
+      max ? ` · catalog max ${fmt(max, 2)}` : "",
+    );
+    if (val.value === "" && max) val.value = String(Number((2 * max).toPrecision(3)));
   };
   id.addEventListener("change", look);
   if (feature !== "") look();

@@ -33,6 +33,7 @@ ORDER = (
     "sae_dtype",
     "catalog_speed",
     "web_latency",
+    "search_recall",
     "wire_convert",
 )
 Result = dict[str, Any]

@@ -99,3 +99,30 @@ def test_web_latency_runs(serve_instance: ServeInstance, tmp_path: Path) -> None
     web_latency.measure(setup, args)
     res = _check(tmp_path, web_latency.NAME)
     assert {t["metric"] for t in res["targets"]} >= {"feature page drawn (ms)"}
+
+
+def test_search_recall_runs(tmp_path: Path) -> None:
+    """The search bench on a tiny SAE whose planted feature is labelled by its word: read in
+    context, the word finds it among the top 10 of its 128 features."""
+    from bench import search_recall
+    from saescope.service.engine import Engine
+    from tests.service.engine_fixtures import (
+        PLANTED_FEATURE,
+        TEST_LIMITS,
+        build_planted_sae,
+    )
+    from tests.support.catalog import build_tiny_catalog
+
+    model = build_tiny_model(tmp_path / "model")
+    sae = build_planted_sae(tmp_path / "sae", model, "model.layers.0", skip_first=1)
+    build_tiny_catalog(sae, tmp_path)
+    engine = Engine(str(model), {"p": str(sae)}, device="cpu", limits=TEST_LIMITS)
+    try:
+        res = search_recall.run(engine, "p", features=20, seed=0)
+    finally:
+        engine.close()
+    pairs, ranks = res["series"]["pairs"], res["series"]["ranks"]
+    planted = [i for i, (f, _) in enumerate(pairs) if f == PLANTED_FEATURE]
+    assert planted, f"the planted feature's label is not a word: {pairs}"
+    assert ranks["in context (served)"][planted[0]] <= 10
+    assert [r["query read"] for r in res["rows"]] == list(ranks)

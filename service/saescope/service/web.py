@@ -132,11 +132,11 @@ def build_web_app(rpc: Callable[[str], RpcMethod], *, failed: type[Exception]) -
         refused = _refuse_cross_site(request)
         if refused is not None:
             return refused
-        body = await request.body()
-        if len(body) > MAX_MESSAGE_BYTES:
+        body = await _read_body(request)
+        if body is None:
             return _error(
                 "RESOURCE_EXHAUSTED",
-                f"request body: {len(body)} bytes, over the limit of {MAX_MESSAGE_BYTES}",
+                f"request body: over the limit of {MAX_MESSAGE_BYTES} bytes",
                 413,
             )
         try:
@@ -193,6 +193,19 @@ async def _stream(
             await events.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(lines(), media_type=NDJSON_TYPE, headers={"cache-control": "no-store"})
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None once it passes ``MAX_MESSAGE_BYTES`` (read no further than that)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_MESSAGE_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_MESSAGE_BYTES:
+            return None
+    return bytes(body)
 
 
 def _refuse_cross_site(request: Request) -> Response | None:

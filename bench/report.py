@@ -27,6 +27,7 @@ ORDER = (
     "serve_fairness",
     "serve_overhead",
     "serve_memory",
+    "serve_sae_pool",
     "train_speed",
     "train_quality",
     "synth_bench",

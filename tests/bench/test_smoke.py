@@ -126,3 +126,16 @@ def test_search_recall_runs(tmp_path: Path) -> None:
     assert planted, f"the planted feature's label is not a word: {pairs}"
     assert ranks["in context (served)"][planted[0]] <= 10
     assert [r["query read"] for r in res["rows"]] == list(ranks)
+
+
+def test_serve_sae_pool_runs(serve_instance: ServeInstance) -> None:
+    """The pool bench against the tiny instance's two SAEs under a budget that holds one."""
+    from bench import serve_sae_pool
+
+    with serve_instance.deploy_app("saescope-pool-bench", sae_memory_budget_mib=0.07):
+        res = serve_sae_pool.run(
+            serve_instance.grpc_target, "saescope-pool-bench", calls=20, rounds=1, seed=0
+        )
+    assert res["series"]["cold_s"], "no SAE was ever unloaded: the budget was not exercised"
+    peak = next(t for t in res["targets"] if t.metric.startswith("largest"))
+    assert peak.value <= 1.0

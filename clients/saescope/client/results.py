@@ -87,6 +87,11 @@ class SaeInfo(_Result):
     ``list_features()`` answers, and ``search_features()`` matches labels too."""
     origin: str = "saescope"
     """Which library wrote the SAE: ``"saescope"``, ``"saelens"`` or ``"sparsify"``."""
+    state: str = "loaded"
+    """``"loaded"`` (resident) or ``"unloaded"`` (out of memory under the replica's SAE
+    budget: a call for it loads it, evicting the least recently used)."""
+    memory_bytes: int = 0
+    """Bytes of its tensors as served."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,10 @@ class Info(_Result):
     limits: Limits
     version: str
     """The server's saescope version."""
+    sae_memory_budget_bytes: int = 0
+    """The replica's budget for resident SAEs (0: none, every SAE stays loaded)."""
+    sae_memory_bytes: int = 0
+    """What the loaded SAEs take now."""
 
     def sae(self, sae_id: str | None = None) -> SaeInfo:
         """The SAE named ``sae_id`` (default: the service's default SAE)."""

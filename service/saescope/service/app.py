@@ -15,8 +15,9 @@ never sees (it died, the request could not be parsed) are mapped in the proxy
 (``proxy_errors``).
 
 ``_call`` also checks access first (``access``: API keys, several at once; without keys, only
-loopback callers). GetInfo is answered from a response built once at start, on the event loop:
-it never waits for a worker thread behind model work. Health checks go to the proxy
+loopback callers). GetInfo is answered on the event loop from the engine's bookkeeping (the
+SAEs' states under a memory budget included): it never waits for a worker thread behind model
+work. Health checks go to the proxy
 (``grpc.health.v1``, ``health``), never to a replica.
 
 Forward passes of concurrent activation calls are batched into one
@@ -142,6 +143,7 @@ class SaeScope:
             slice_tokens=cfg.forward_slice_tokens,
             observer=self._metrics,  # decode batch sizes, decode queue waits, SAE encode times
             metrics_sync_timing=cfg.metrics_sync_timing,
+            sae_memory_budget_bytes=cfg.sae_memory_budget_bytes,
         )
         self._generation = Generations(self._engine, self._pool, self._metrics)
         self._sampler: asyncio.Task[None] | None = None
@@ -154,8 +156,6 @@ class SaeScope:
             cost=lambda part: part.tokens,
             max_batch_cost=self._engine.slice_tokens,
         )
-        # Static for the replica's life (model, SAEs, limits, version): built once.
-        self._info = convert.response(self._engine.info(), pb.GetInfoResponse)
         logger.info("saescope: serving %s with SAEs %s", cfg.model, sorted(cfg.sae_paths))
 
     def __del__(self) -> None:
@@ -175,7 +175,9 @@ class SaeScope:
         self, request: pb.GetInfoRequest, grpc_context: CallContext
     ) -> pb.GetInfoResponse:
         async with self._call("GetInfo", grpc_context):
-            return self._info
+            # On the loop: the engine's info is bookkeeping (the SAE pool's lock is never held
+            # during a load), so GetInfo never waits behind model work.
+            return convert.response(self._engine.info(), pb.GetInfoResponse)
 
     async def GetFeatureActivations(
         self, request: pb.GetFeatureActivationsRequest, grpc_context: CallContext

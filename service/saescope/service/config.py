@@ -141,6 +141,9 @@ class AppConfig(_Strict):
     """Cache of the default model; default ``$SAESCOPE_CACHE`` or ``~/.cache/saescope``."""
     limits: LimitsConfig = LimitsConfig()
     """Per-call limits."""
+    sae_memory_budget_mib: float | None = Field(default=None, gt=0)
+    """Memory for the SAEs' tensors in one replica (MiB): SAEs beyond it are loaded on demand
+    and the least recently used evicted (``sae_pool``); default: every SAE stays loaded."""
 
     # ---- resources and scaling ----
     num_gpus: float = Field(default=0, ge=0)
@@ -214,6 +217,11 @@ class AppConfig(_Strict):
     @property
     def sae_paths(self) -> dict[str, Path]:
         return {s.sae_id: s.resolved_path for s in self.saes}
+
+    @property
+    def sae_memory_budget_bytes(self) -> int | None:
+        mib = self.sae_memory_budget_mib
+        return None if mib is None else int(mib * 2**20)
 
     @property
     def requires_key(self) -> bool:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ from saescope.service.runtime import (
     NoObserver,
     load_saes,
 )
+from saescope.service.sae_pool import SaePool
 from saescope.service.sampling import plan_sampling
 from saescope.service.steering import RowEdits, distinct_features, validate_interventions
 from saescope.service.streams import GenerationHandle
@@ -102,7 +103,7 @@ class Engine(EngineClient):
     def __init__(
         self,
         model: str,
-        saes: dict[str, str | Path],
+        saes: Mapping[str, str | Path],
         *,
         device: str = "auto",
         dtype: str = "float32",
@@ -115,6 +116,7 @@ class Engine(EngineClient):
         slice_tokens: int | None = None,
         observer: EngineObserver | None = None,
         metrics_sync_timing: bool = False,
+        sae_memory_budget_bytes: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -132,19 +134,23 @@ class Engine(EngineClient):
             model_name=model_name,
             device=device_,
             dtype=DTYPES[dtype],
-            saes={},
             default_sae_id="",
             observer=observer if observer is not None else NoObserver(),
             sync_timing=metrics_sync_timing,
         )
-        loaded = load_saes(
-            lm, saes, device=device_, model_name=model_name, token_text=self.rt.token_text
-        )
+        paths = dict(saes)
+
+        def load(sae_id: str) -> LoadedSae:
+            one = {sae_id: paths[sae_id]}
+            return load_saes(
+                lm, one, device=device_, model_name=model_name, token_text=self.rt.token_text
+            )[sae_id]
+
+        loaded = self.rt.saes = SaePool(list(paths), load, sae_memory_budget_bytes)
         if default_sae_id is None:
             default_sae_id = next(iter(loaded), "")
         elif default_sae_id not in loaded:
             raise ValueError(f"default_sae_id: {default_sae_id!r} is not among the SAEs loaded")
-        self.rt.saes.update(loaded)
         self.rt.default_sae_id = default_sae_id
         self.limits = limits
         self.prompt_limits = prompts.PromptLimits.of(
@@ -174,10 +180,12 @@ class Engine(EngineClient):
             d_model=int(cfg.hidden_size),
             vocab_size=int(cfg.vocab_size),
             has_chat_template=bool(getattr(self.rt.tokenizer, "chat_template", None)),
-            saes=[ls.info() for ls in self.rt.saes.values()],
+            saes=self.rt.saes.infos(),
             default_sae_id=self.rt.default_sae_id,
             limits=self.limits,
             version=_version(),
+            sae_memory_budget_bytes=self.rt.saes.budget_bytes or 0,
+            sae_memory_bytes=self.rt.saes.resident_bytes,
         )
 
     def tokenize(self, req: TokenizeRequest) -> Tokenization:

@@ -343,14 +343,18 @@ class DecodeBatcher:
         self, rows: list[_Row], *, generated: bool, **inputs: Any
     ) -> tuple[Tensor, StepTrace]:
         """One model forward with every row's edits; returns last-position logits (B, V)."""
+        # The SAE each plan holds, not the pool's entry: under a memory budget the pool may
+        # have evicted it since, and the generation finishes with the SAE it started with.
         by_sae: dict[str, list[tuple[int, RowEdits]]] = {}
+        sae_of: dict[str, LoadedSae] = {}
         for i, r in enumerate(rows):
             if not r.edits.empty:
                 by_sae.setdefault(r.req.plan.sae.sae_id, []).append((i, r.edits))
+                sae_of[r.req.plan.sae.sae_id] = r.req.plan.sae
         groups = [
             (
-                self.rt.timed(self.rt.saes[sae_id]),  # its encodes reach the observer
-                EditBatch.build(members, self.rt.device, self.rt.saes[sae_id].sae.W_dec.dtype),
+                self.rt.timed(sae_of[sae_id]),  # its encodes reach the observer
+                EditBatch.build(members, self.rt.device, sae_of[sae_id].sae.W_dec.dtype),
             )
             for sae_id, members in by_sae.items()
         ]

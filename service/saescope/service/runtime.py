@@ -36,6 +36,7 @@ from torch import Tensor
 
 from saescope.service import catalog as catalogs
 from saescope.service.errors import InvalidArgument, NotFound
+from saescope.service.sae_pool import SaePool
 from saescope.service.types import SaeInfo
 from saescope.training import checkpoint, foreign, models, positions
 from saescope.training.meta import CheckpointMeta
@@ -198,8 +199,8 @@ class ModelRuntime:
     model_name: str
     device: torch.device
     dtype: torch.dtype
-    saes: dict[str, LoadedSae]
     default_sae_id: str
+    saes: SaePool = field(default_factory=SaePool.empty)
     lock: FairLock = field(default_factory=FairLock)
     observer: EngineObserver = field(default_factory=NoObserver)
     sync_timing: bool = False  # time encodes on an accelerator too, with a sync around each

@@ -308,6 +308,8 @@ class SaeInfo(_message.Message):
     TOKENS_SEEN_FIELD_NUMBER: _builtins.int
     HAS_CATALOG_FIELD_NUMBER: _builtins.int
     ORIGIN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     hookpoint: _builtins.str
     """Module whose output the SAE reads, e.g. "model.layers.15" (residual stream after block 15)."""
@@ -325,6 +327,13 @@ class SaeInfo(_message.Message):
     """Which library wrote the SAE's folder: "saescope", "saelens" or "sparsify". Third-party SAEs
     are served as they are; "architecture" then names the registry kind that computes them.
     """
+    state: _builtins.str
+    """"loaded": resident in the replica's memory; "unloaded": out of it under the replica's SAE
+    memory budget (GetInfoResponse.sae_memory_budget_bytes) — a call for it loads it once
+    (concurrent calls wait on that load), evicting the least recently used SAEs to make room.
+    """
+    memory_bytes: _builtins.int
+    """Bytes of its tensors as served (what the budget counts)."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Training and evaluation metrics recorded with the checkpoint (L0, FVU, dead fraction, ...)."""
@@ -343,10 +352,12 @@ class SaeInfo(_message.Message):
         tokens_seen: _builtins.int = ...,
         has_catalog: _builtins.bool = ...,
         origin: _builtins.str = ...,
+        state: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "has_catalog", b"has_catalog", "hookpoint", b"hookpoint", "k", b"k", "layer", b"layer", "metrics", b"metrics", "origin", b"origin", "sae_id", b"sae_id", "tokens_seen", b"tokens_seen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "d_in", b"d_in", "d_sae", b"d_sae", "has_catalog", b"has_catalog", "hookpoint", b"hookpoint", "k", b"k", "layer", b"layer", "memory_bytes", b"memory_bytes", "metrics", b"metrics", "origin", b"origin", "sae_id", b"sae_id", "state", b"state", "tokens_seen", b"tokens_seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,6 +439,8 @@ class GetInfoResponse(_message.Message):
     DEFAULT_SAE_ID_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    SAE_MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    SAE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name or path, e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"."""
     dtype: _builtins.str
@@ -442,6 +455,11 @@ class GetInfoResponse(_message.Message):
     """sae_id used when a request leaves it empty."""
     version: _builtins.str
     """saescope server version."""
+    sae_memory_budget_bytes: _builtins.int
+    """The replica's budget for its resident SAEs' tensors (0: none, every SAE stays loaded), and
+    what the loaded ones take now.
+    """
+    sae_memory_bytes: _builtins.int
     @_builtins.property
     def saes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaeInfo]: ...
     @_builtins.property
@@ -460,10 +478,12 @@ class GetInfoResponse(_message.Message):
         default_sae_id: _builtins.str = ...,
         limits: Global___Limits | None = ...,
         version: _builtins.str = ...,
+        sae_memory_budget_bytes: _builtins.int = ...,
+        sae_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["d_model", b"d_model", "default_sae_id", b"default_sae_id", "device", b"device", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "limits", b"limits", "model", b"model", "num_layers", b"num_layers", "saes", b"saes", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["d_model", b"d_model", "default_sae_id", b"default_sae_id", "device", b"device", "dtype", b"dtype", "has_chat_template", b"has_chat_template", "limits", b"limits", "model", b"model", "num_layers", b"num_layers", "sae_memory_budget_bytes", b"sae_memory_budget_bytes", "sae_memory_bytes", b"sae_memory_bytes", "saes", b"saes", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -215,3 +215,14 @@ def test_over_grpc_getinfo_reports_states_and_a_call_swaps_the_resident_sae(
         res = stub.GetFeatureActivations(req, metadata=metadata)
         assert res.sae_id == TOPK and len(res.prompts[0].token_top_features) > 0
         assert states() == {RELU: UNLOADED, TOPK: LOADED}
+
+
+def test_sae_ids_that_do_not_fit_the_budget_together_are_refused(pooled: Engine) -> None:
+    """A cross-layer call holds every SAE it names until it ends: together they must fit."""
+    from saescope.service.errors import OutOfRange
+
+    with pytest.raises(OutOfRange, match="sae_ids"):
+        pooled.activations(ActivationsRequest(prompts=[Prompt(text="Hi")], sae_ids=list(SPECS)))
+    fits = ["l1-relu-128", "l2-topk-96"]
+    res = pooled.activations(ActivationsRequest(prompts=[Prompt(text="Hi")], sae_ids=fits))
+    assert [s.sae_id for s in res.by_sae] == fits

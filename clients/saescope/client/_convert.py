@@ -114,6 +114,18 @@ def activations(m: pb.GetFeatureActivationsResponse, feature_ids: list[int]) -> 
     )
 
 
+def activations_by_sae(
+    m: pb.GetFeatureActivationsResponse, feature_ids: list[int]
+) -> dict[str, r.Activations]:
+    """Each SAE's activations (a call with ``sae_ids``), by sae_id in request order."""
+    return {
+        s.sae_id: r.Activations(
+            sae_id=s.sae_id, prompts=[prompt_activations(p, feature_ids) for p in s.prompts]
+        )
+        for s in m.by_sae
+    }
+
+
 def event(m: pb.GenerateSteeredEvent, logprobs: bool) -> r.TokenEvent | r.GenerationResult:
     """A streamed event: a ``TokenEvent``, or the final ``GenerationResult``."""
     if m.WhichOneof("event") == "done":

@@ -200,6 +200,44 @@ class Methods:
         )
 
     @rpc
+    def activations_by_sae(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        sae_ids: Sequence[str],
+        *,
+        top_k: int = 5,
+        features: Iterable[int] = (),
+        top_k_aggregated: int = 10,
+        aggregation: Aggregation = "max",
+        include_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> Call[dict[str, Activations]]:
+        """Several SAEs' activations (e.g. at different layers) from one forward pass.
+
+        Args:
+            prompts: A prompt, or a list of them.
+            sae_ids: The SAEs, distinct; the result is keyed by them, in this order.
+            top_k, features, top_k_aggregated, aggregation, include_special_tokens: as in
+                ``activations``, for every SAE (``features`` must exist in each).
+        """
+        feature_ids = list(features)
+        request = pb.GetFeatureActivationsRequest(
+            sae_ids=list(sae_ids),
+            prompts=_convert.prompts(prompts, "prompts"),
+            top_k_per_token=top_k,
+            feature_ids=feature_ids,
+            top_k_aggregated=top_k_aggregated,
+            aggregation=_convert.aggregation(aggregation),
+            include_special_tokens=include_special_tokens,
+        )
+        return Call(
+            "GetFeatureActivations",
+            request,
+            lambda m: _convert.activations_by_sae(m, feature_ids),
+            timeout,
+        )
+
+    @rpc
     def generate(
         self,
         prompt: PromptLike,

@@ -37,6 +37,7 @@ from saescope.service.types import (
     Aggregation,
     Limits,
     PromptActivations,
+    SaeActivations,
     Sparse,
 )
 from saescope.training import models
@@ -95,11 +96,17 @@ def response_bytes(encoded: list[Encoded], req: ActivationsRequest, ls: LoadedSa
 
 @dataclass(frozen=True)
 class ActivationsPlan:
-    """A validated, tokenised activation request: what its forward passes need."""
+    """A validated, tokenised activation request: what its forward passes need. ``saes``: the
+    one SAE it names, or its ``sae_ids`` (read from the same forward pass)."""
 
     req: ActivationsRequest
-    sae: LoadedSae
+    saes: tuple[LoadedSae, ...]
     encoded: list[Encoded]
+
+    @property
+    def sae(self) -> LoadedSae:
+        """The (first) SAE."""
+        return self.saes[0]
 
     def parts(self, slice_tokens: int) -> list[ActivationsPart]:
         """Its prompts in parts of at most ``slice_tokens`` padded tokens, longest first.
@@ -124,12 +131,20 @@ class ActivationsPlan:
     def result(
         self, parts: list[ActivationsPart], outs: list[list[PromptActivations]]
     ) -> ActivationsResult:
-        """The response, from each part's results (in ``parts`` order)."""
-        by_index: dict[int, PromptActivations] = {}
+        """The response, from each part's results (in ``parts`` order; a part's results are
+        its prompts', each with every SAE's in ``saes`` order)."""
+        n = len(self.saes)
+        by_index: dict[tuple[int, int], PromptActivations] = {}
         for part, out in zip(parts, outs, strict=True):
-            by_index.update(zip(part.indices, out, strict=True))
-        prompts = [by_index[i] for i in range(len(self.encoded))]  # each in exactly one part
-        return ActivationsResult(sae_id=self.sae.sae_id, prompts=prompts)
+            keys = [(i, s) for i in part.indices for s in range(n)]
+            by_index.update(zip(keys, out, strict=True))
+        per_sae = [  # each prompt is in exactly one part
+            [by_index[i, s] for i in range(len(self.encoded))] for s in range(n)
+        ]
+        if not self.req.sae_ids:
+            return ActivationsResult(sae_id=self.sae.sae_id, prompts=per_sae[0])
+        by_sae = [SaeActivations(ls.sae_id, p) for ls, p in zip(self.saes, per_sae, strict=True)]
+        return ActivationsResult(sae_id="", prompts=[], by_sae=by_sae)
 
 
 @dataclass(frozen=True)

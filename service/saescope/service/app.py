@@ -184,7 +184,8 @@ class SaeScope:
     ) -> pb.GetFeatureActivationsResponse:
         async with self._call("GetFeatureActivations", grpc_context):
             result = await self._activations(convert.request(request, ActivationsRequest))
-            tokens = sum(len(p.tokens) for p in result.prompts)
+            prompts = result.by_sae[0].prompts if result.by_sae else result.prompts
+            tokens = sum(len(p.tokens) for p in prompts)
             self._metrics.tokens("GetFeatureActivations", tokens_in=tokens)
             return convert.response(result, pb.GetFeatureActivationsResponse)
 

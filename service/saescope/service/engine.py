@@ -43,7 +43,7 @@ import torch
 
 from saescope.service import activations, attribution, catalog, contrast, features, prompts
 from saescope.service.activations import ActivationsPart, ActivationsPlan
-from saescope.service.errors import InvalidArgument, OutOfRange, SaescopeError
+from saescope.service.errors import InvalidArgument, NotFound, OutOfRange, SaescopeError
 from saescope.service.generation import DecodeBatcher, GenerationPlan
 from saescope.service.output_scores import output_scores
 from saescope.service.runtime import (
@@ -220,12 +220,13 @@ class Engine(EngineClient):
 
     def plan_activations(self, req: ActivationsRequest) -> ActivationsPlan:
         """Validate and tokenise ``req``, and bound its response's size; no forward yet."""
-        ls = self.rt.get_sae(req.sae_id)
-        activations.validate_request(ls, req, self.limits)
+        saes = self._saes_of(req)
+        for ls in saes:
+            activations.validate_request(ls, req, self.limits)
         encoded = prompts.encode_many(
             self.rt, req.prompts, "prompts", self.prompt_limits, max_prompts=self.limits.max_prompts
         )
-        size = activations.response_bytes(encoded, req, ls)
+        size = sum(activations.response_bytes(encoded, req, ls) for ls in saes)
         if size > self.limits.max_response_bytes:
             tokens = sum(len(e.ids) for e in encoded)
             raise OutOfRange(
@@ -235,7 +236,33 @@ class Engine(EngineClient):
                 f"bytes of response ({tokens} tokens × top_k_per_token {req.top_k_per_token} "
                 f"and {len(req.feature_ids)} feature_ids)",
             )
-        return ActivationsPlan(req, ls, encoded)
+        return ActivationsPlan(req, saes, encoded)
+
+    def _saes_of(self, req: ActivationsRequest) -> tuple[LoadedSae, ...]:
+        """The SAE ``req`` names, or its ``sae_ids``: distinct, at most ``max_features``, and
+        together within the SAE memory budget (each is held until the call ends)."""
+        if not req.sae_ids:
+            return (self.rt.get_sae(req.sae_id),)
+        if req.sae_id:
+            raise InvalidArgument("sae_ids", "set sae_id or sae_ids, not both")
+        if len(req.sae_ids) > self.limits.max_features:
+            raise OutOfRange("sae_ids", len(req.sae_ids), self.limits.max_features, "SAEs")
+        repeated = sorted({i for i in req.sae_ids if req.sae_ids.count(i) > 1})
+        if repeated:
+            raise InvalidArgument("sae_ids", f"{repeated[0]!r} is named more than once")
+        pool = self.rt.saes
+        for i, sae_id in enumerate(req.sae_ids):
+            if not sae_id:
+                raise InvalidArgument(f"sae_ids[{i}]", "must not be empty")
+            if sae_id not in pool:
+                known = ", ".join(pool) or "none"
+                raise NotFound(f"sae_ids[{i}]: no SAE {sae_id[:64]!r} is loaded (loaded: {known})")
+        together = sum(pool.bytes_of(i) for i in req.sae_ids)
+        if pool.budget_bytes is not None and together > pool.budget_bytes:
+            raise OutOfRange(
+                "sae_ids", together, pool.budget_bytes, "bytes of SAE tensors together (budget)"
+            )
+        return tuple(self.rt.get_sae(i) for i in req.sae_ids)
 
     def run_activation_parts(self, parts: list[ActivationsPart]) -> list[list[PromptActivations]]:
         """Per part, its prompts' activations: one batch of padded forwards over all of them.
@@ -243,7 +270,7 @@ class Engine(EngineClient):
         The app's ``batching.ForwardBatcher`` hands it the parts of calls that queued together.
         """
         flat = [(part, i) for part in parts for i in part.indices]
-        hookpoints = sorted({part.plan.sae.hookpoint for part in parts})
+        hookpoints = sorted({ls.hookpoint for part in parts for ls in part.plan.saes})
         residuals = activations.forward_residuals(
             self.rt,
             [part.plan.encoded[i].ids for part, i in flat],
@@ -254,13 +281,14 @@ class Engine(EngineClient):
         k = 0
         for part in parts:
             plan = part.plan
-            timed = self.rt.timed(plan.sae)  # its encodes reach the observer
+            timed = [self.rt.timed(ls) for ls in plan.saes]  # their encodes reach the observer
             out.append(
-                [
+                [  # per prompt, every SAE's (``ActivationsPlan.result`` regroups them)
                     activations.prompt_activations(
-                        timed, residuals[k + j][plan.sae.hookpoint], plan.encoded[i], plan.req
+                        ls, residuals[k + j][ls.hookpoint], plan.encoded[i], plan.req
                     )
                     for j, i in enumerate(part.indices)
+                    for ls in timed
                 ]
             )
             k += len(part.indices)

@@ -141,6 +141,10 @@ class SaePool:
             self._resident.popitem(last=False)
             self.stats.evictions += 1
 
+    def bytes_of(self, sae_id: str) -> int:
+        """Bytes of an SAE's tensors, resident or not."""
+        return self._bytes[sae_id]
+
     # ---- what GetInfo reports -------------------------------------------------------------------
     @property
     def resident_bytes(self) -> int:

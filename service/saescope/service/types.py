@@ -106,6 +106,7 @@ class ActivationsRequest:
     top_k_aggregated: int = 0
     aggregation: Aggregation = "max"
     include_special_tokens: bool = False
+    sae_ids: list[str] = field(default_factory=list)  # several SAEs, one forward pass
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,16 @@ class PromptActivations:
 
 
 @dataclass(frozen=True)
+class SaeActivations:
+    sae_id: str
+    prompts: list[PromptActivations]
+
+
+@dataclass(frozen=True)
 class ActivationsResult:
     sae_id: str
     prompts: list[PromptActivations]
+    by_sae: list[SaeActivations] = field(default_factory=list)  # with ``sae_ids``
 
 
 # ---- steering ---------------------------------------

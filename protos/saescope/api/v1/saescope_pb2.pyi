@@ -548,6 +548,7 @@ class GetFeatureActivationsRequest(_message.Message):
     TOP_K_AGGREGATED_FIELD_NUMBER: _builtins.int
     AGGREGATION_FIELD_NUMBER: _builtins.int
     INCLUDE_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    SAE_IDS_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     top_k_per_token: _builtins.int
     """Per token, return its k strongest features (0: none; at most Limits.max_top_k)."""
@@ -569,6 +570,14 @@ class GetFeatureActivationsRequest(_message.Message):
     def feature_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Return these features' values at every token (dense, tokens × features)."""
 
+    @_builtins.property
+    def sae_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Several SAEs (e.g. at different layers) read from one forward pass of the prompts, which
+        stops after the deepest of their layers; the response's `by_sae` holds one entry per SAE,
+        in this order. Set this or `sae_id`, not both; distinct ids, at most Limits.max_features of
+        them; the other fields apply to each SAE (`feature_ids` must exist in every one).
+        """
+
     def __init__(
         self,
         *,
@@ -579,10 +588,11 @@ class GetFeatureActivationsRequest(_message.Message):
         top_k_aggregated: _builtins.int = ...,
         aggregation: Global___Aggregation.ValueType = ...,
         include_special_tokens: _builtins.bool = ...,
+        sae_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "feature_ids", b"feature_ids", "include_special_tokens", b"include_special_tokens", "prompts", b"prompts", "sae_id", b"sae_id", "top_k_aggregated", b"top_k_aggregated", "top_k_per_token", b"top_k_per_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "feature_ids", b"feature_ids", "include_special_tokens", b"include_special_tokens", "prompts", b"prompts", "sae_id", b"sae_id", "sae_ids", b"sae_ids", "top_k_aggregated", b"top_k_aggregated", "top_k_per_token", b"top_k_per_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,6 +664,40 @@ class GetFeatureActivationsResponse(_message.Message):
 
     SAE_ID_FIELD_NUMBER: _builtins.int
     PROMPTS_FIELD_NUMBER: _builtins.int
+    BY_SAE_FIELD_NUMBER: _builtins.int
+    sae_id: _builtins.str
+    """The SAE and its activations, one per prompt in request order (empty when `sae_ids` was
+    set: see `by_sae`).
+    """
+    @_builtins.property
+    def prompts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptActivations]: ...
+    @_builtins.property
+    def by_sae(self) -> _containers.RepeatedCompositeFieldContainer[Global___SaeActivations]:
+        """With `sae_ids`: one per SAE, in request order."""
+
+    def __init__(
+        self,
+        *,
+        sae_id: _builtins.str = ...,
+        prompts: _abc.Iterable[Global___PromptActivations] | None = ...,
+        by_sae: _abc.Iterable[Global___SaeActivations] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_sae", b"by_sae", "prompts", b"prompts", "sae_id", b"sae_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureActivationsResponse: _TypeAlias = GetFeatureActivationsResponse  # noqa: Y015
+
+@_typing.final
+class SaeActivations(_message.Message):
+    """One SAE's activations of a request's prompts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAE_ID_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
     sae_id: _builtins.str
     @_builtins.property
     def prompts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptActivations]:
@@ -671,7 +715,7 @@ class GetFeatureActivationsResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetFeatureActivationsResponse: _TypeAlias = GetFeatureActivationsResponse  # noqa: Y015
+Global___SaeActivations: _TypeAlias = SaeActivations  # noqa: Y015
 
 @_typing.final
 class Intervention(_message.Message):

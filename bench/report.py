@@ -28,6 +28,7 @@ ORDER = (
     "serve_overhead",
     "serve_memory",
     "serve_sae_pool",
+    "serve_replicas",
     "train_speed",
     "train_quality",
     "synth_bench",

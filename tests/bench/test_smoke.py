@@ -139,3 +139,17 @@ def test_serve_sae_pool_runs(serve_instance: ServeInstance) -> None:
     assert res["series"]["cold_s"], "no SAE was ever unloaded: the budget was not exercised"
     peak = next(t for t in res["targets"] if t.metric.startswith("largest"))
     assert peak.value <= 1.0
+
+
+def test_serve_replicas_runs(tmp_path: Path) -> None:
+    """The two-node bench, quick (tiny model), in a child process: this one is already in the
+    session's Ray cluster."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "bench.serve_replicas", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = _check(tmp_path, "serve_replicas")
+    assert [r["replicas"] for r in res["rows"]] == [1, 2]

@@ -106,6 +106,8 @@ class AutoscalingConfig(_Strict):
     """How long load must stay above target before replicas are added."""
     downscale_delay_s: float = Field(default=600.0, ge=0)
     """How long load must stay below target before replicas are removed."""
+    look_back_period_s: float = Field(default=30.0, gt=0)
+    """The window over which ongoing requests are averaged for those decisions."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -159,6 +161,9 @@ class AppConfig(_Strict):
     """Fixed number of replicas (ignored when ``autoscaling`` is set)."""
     autoscaling: AutoscalingConfig | None = None
     """Autoscale between ``min_replicas`` and ``max_replicas`` instead."""
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    """Most replicas on one Ray node (1: spread them, so losing a node loses one replica);
+    default: Serve places them as it likes (it spreads by default, without a guarantee)."""
     max_ongoing_requests: int = Field(default=32, ge=1)
     """Requests one replica works on at once (batching needs several)."""
     max_queued_requests: int = Field(default=256, ge=-1)
@@ -249,6 +254,8 @@ class AppConfig(_Strict):
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
         }
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
         if self.autoscaling is None:
             options["num_replicas"] = self.num_replicas
         else:

@@ -32,6 +32,7 @@ ORDER = (
     "train_speed",
     "train_quality",
     "synth_bench",
+    "train_workers",
     "sae_dtype",
     "catalog_speed",
     "web_latency",

@@ -153,3 +153,14 @@ def test_serve_replicas_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = _check(tmp_path, "serve_replicas")
     assert [r["replicas"] for r in res["rows"]] == [1, 2]
+
+
+def test_train_workers_runs(tmp_path: Path) -> None:
+    """The data-parallel bench, quick, on the tiny model: one process, then two Ray workers."""
+    from bench import train_workers
+
+    model = build_tiny_model(tmp_path / "model", num_layers=2)
+    flags = ["--quick", "--out", str(tmp_path / "out"), "--model", str(model)]
+    train_workers.main([*flags, "--hookpoint", "model.layers.1"])
+    res = _check(tmp_path / "out", train_workers.NAME)
+    assert [r["workers"] for r in res["rows"]] == ["1 worker", "2 workers"]

@@ -3,7 +3,9 @@
 ``saescope train --config NAME|FILE.yaml [key.sub=value …]`` starts a run from a shipped
 config (``saescope configs`` lists them) or a file (``saescope.training.config`` has every
 field); ``saescope train --resume OUT_DIR [key=value …]`` continues one from its latest
-checkpoint with the config saved in it. A bad config or bad data
+checkpoint with the config saved in it. ``--workers N`` trains data-parallel on Ray Train (N
+workers, each on every N-th document, gradients all-reduced; resume with the same N). A bad
+config or bad data
 ends with ``saescope train: error: <field>: <message>`` and exit status 2. torch and the training
 package are imported inside the handler.
 """
@@ -35,6 +37,13 @@ def register(sub: Any) -> None:
         metavar="OUT_DIR",
         help="continue the run in OUT_DIR from its latest checkpoint (its saved config applies)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel workers on Ray Train (default 1: this process alone)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4"
@@ -60,12 +69,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, args.overrides)
     else:
         cfg = load_config(presets.resolve(args.config), args.overrides)
+    if args.workers < 1:
+        args._parser.error(f"--workers: must be ≥ 1, got {args.workers}")
     try:
-        result = train(
-            cfg,
-            resume=args.resume is not None,
-            progress=show,
-        )
+        if args.workers > 1:
+            from saescope.training.distributed import train_workers
+
+            result = train_workers(cfg, args.workers, resume=args.resume is not None)
+        else:
+            result = train(cfg, resume=args.resume is not None, progress=show)
     except KeyboardInterrupt:
         if any((cfg.output.dir / CHECKPOINTS).glob("step_*")):
             print(f"saescope train: interrupted; continue with --resume {cfg.output.dir}")

@@ -59,6 +59,9 @@ class ModelRows:
     ``pending`` token ids not yet cut into a context, all as they were before the current
     forward pass, plus the ``rows`` of that forward pass already handed out. Seeking there
     re-runs that one forward pass.
+
+    ``shard = (rank, world)``: only documents whose index ≡ rank (mod world) are read, so the
+    processes of a data-parallel run see disjoint shards (``documents`` still counts them all).
     """
 
     def __init__(
@@ -74,8 +77,10 @@ class ModelRows:
         skip_first_positions: int = 1,
         outlier_norm_factor: float | None = None,
         epochs: int = 1,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.model, self.tokenizer, self.hookpoint, self.data = model, tokenizer, hookpoint, data
+        self.shard = shard
         config: Any = model.config  # a transformers PretrainedConfig
         self.d_in = int(config.hidden_size)
         self.context_size, self.model_batch_size = context_size, model_batch_size
@@ -151,9 +156,12 @@ class ModelRows:
             if text is None:
                 self._next_epoch()
                 continue
+            self._documents += 1
+            rank, world = self.shard
+            if (self._documents - 1) % world != rank:
+                continue  # another process's document
             ids = self.tokenizer(text, verbose=False)["input_ids"]
             self._pending.extend([*ids, *self._separator])
-            self._documents += 1
         context = self._pending[: self.context_size]
         del self._pending[: self.context_size]
         return context

@@ -95,17 +95,33 @@ class MetricsWindow:
         self.sum_x = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)  # (d_in,)
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, active: Tensor, scalars: dict[str, Tensor]) -> None:
-        """Add a batch: inputs and reconstructions ``(N, d_in)``, ``active`` = Σ_n L0_n (0-d)."""
+    def update(
+        self,
+        x: Tensor,
+        x_hat: Tensor,
+        active: Tensor,
+        scalars: dict[str, Tensor],
+        reducer: Any = None,
+    ) -> None:
+        """Add a batch: inputs and reconstructions ``(N, d_in)``, ``active`` = Σ_n L0_n (0-d).
+        With a ``reducer`` of several processes, every process's batch (the per-step scalars,
+        means over each batch, averaged)."""
         x64 = x.double()
         err = (x64 - x_hat.double()).pow(2).sum()
         values = [err, x64.pow(2).sum(), active.double()]
         values += [scalars[k].detach().double() if k in scalars else err * 0 for k in self.SCALARS]
-        self.sums += torch.stack(values)
-        self.sum_x += x64.sum(0)
+        stacked, sum_x, n = torch.stack(values), x64.sum(0), len(x)
+        world = 1 if reducer is None else reducer.world
+        if world > 1:
+            reducer.sum_(stacked)
+            reducer.sum_(sum_x)
+            stacked[3:] /= world
+            n *= world
+        self.sums += stacked
+        self.sum_x += sum_x
         self.steps += 1
-        self.tokens += len(x)
-        self.timed_tokens += len(x)
+        self.tokens += n
+        self.timed_tokens += n
 
     def record(self) -> dict[str, float]:
         """Means over the window, then reset it."""

@@ -17,6 +17,12 @@ takes it — and the run continues from the newest one that passes. Restored: ra
 step and tokens (the schedules are pure functions of the step), dead-feature counters, the
 metrics window, RNG states and the data position — so the resumed run ends with the same
 weights as an uninterrupted one.
+
+In a data-parallel run (``distributed``, ``saescope train --workers N``) every process calls
+``train`` with its ``shard = (rank, N)`` and a ``Reducer``: it reads every N-th document, its
+batches are ``batch_size / N`` rows (and its shuffle buffer ``1 / N`` of it), and process 0
+alone writes metrics and checkpoints, which hold every process's data position
+(``data_positions``): resume with the same N.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from saescope.training.checkpoint import (
 from saescope.training.config import TrainConfig, validate
 from saescope.training.data import iter_texts
 from saescope.training.sae import SAE, SAEConfig
-from saescope.training.trainer import Callback, Trainer
+from saescope.training.trainer import Alone, Callback, Reducer, Trainer
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -73,26 +79,31 @@ def train(
     progress: bool | None = None,
     echo: Callable[[str], None] = print,
     callback: Callback | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reducer: Reducer | None = None,
 ) -> RunResult:
-    """Run (or, with ``resume``, continue) the training ``cfg`` describes."""
+    """Run (or, with ``resume``, continue) the training ``cfg`` describes (as process
+    ``shard[0]`` of ``shard[1]``, see the module docstring)."""
     out = Path(cfg.output.dir)
+    rank = shard[0]
+    reducer = reducer or Alone()
     start = None
     if resume:
         start, refused = resumable_checkpoint(out)
-        _set_aside(refused, echo)
-    else:
+        if rank == 0:
+            _set_aside(refused, echo)
+    elif rank == 0:
         _check_fresh(out)
-    show = _show_progress(cfg, progress)
+    show = _show_progress(cfg, progress) and rank == 0
     echo(f"saescope train: writing to {out}")
-    rows, info = open_rows(cfg, progress=show, echo=echo)
-    source = ActivationSource(
-        rows, batch_size=cfg.train.batch_size, buffer_tokens=cfg.buffer_tokens, seed=cfg.train.seed
-    )
-    trainer = build_trainer(cfg, rows.d_in)
+    rows, info = open_rows(cfg, progress=show, echo=echo, shard=shard)
+    source = shard_source(cfg, rows, shard)
+    trainer = build_trainer(cfg, rows.d_in, reducer)
     if start is not None:
-        restore(trainer, source, start)
+        restore(trainer, source, start, shard)
         echo(f"saescope train: resuming {start} at step {trainer.step}/{trainer.total_steps}")
-    _prepare_output(out, cfg, trainer.step)
+    if rank == 0:
+        _prepare_output(out, cfg, trainer.step)
     sc = trainer.sae.cfg
     echo(
         f"saescope train: {info['model']} @ {info['hookpoint']}, {sc.architecture} SAE "
@@ -102,6 +113,24 @@ def train(
     with AfterStep(cfg, source, info, trainer, show=show, echo=echo, callback=callback) as hook:
         trainer.fit(source, callback=hook)
     return finish(cfg, trainer, source, info, echo=echo)
+
+
+def shard_source(cfg: TrainConfig, rows: RowStream, shard: tuple[int, int]) -> ActivationSource:
+    """A process's shuffled batches: ``1 / world`` of the batch and of the shuffle buffer, its
+    own permutations (seed + rank)."""
+    rank, world = shard
+    for name, value in (
+        ("train.batch_size", cfg.train.batch_size),
+        ("activations.shuffle_buffer_tokens", cfg.buffer_tokens),
+    ):
+        if value % world:
+            raise ValueError(f"{name}: {value} does not divide among {world} workers")
+    return ActivationSource(
+        rows,
+        batch_size=cfg.train.batch_size // world,
+        buffer_tokens=cfg.buffer_tokens // world,
+        seed=cfg.train.seed + rank,
+    )
 
 
 def finish(
@@ -114,12 +143,13 @@ def finish(
 ) -> RunResult:
     """The last metrics record, the final checkpoint and the plots."""
     out = Path(cfg.output.dir)
-    if (record := t.maybe_log(force=True)) is not None:
+    main = t.reducer.world == 1 or _rank(source) == 0
+    if (record := t.maybe_log(force=True)) is not None and main:
         _append_metrics(out, record)
     if t.data_ended:
         echo(f"saescope train: the data ran out after {t.tokens:,} tokens")
     final = save(out / FINAL, t, source, cfg, info)
-    if cfg.output.plots:
+    if cfg.output.plots and main:
         from saescope.training.plots import plot_metrics
 
         plot_metrics(read_metrics(out / METRICS), out / "metrics.png")
@@ -160,12 +190,15 @@ class AfterStep:
 
     def __call__(self, t: Trainer, record: dict[str, Any] | None) -> None:
         self.bar.update(1)
-        if record is not None:
+        main = _rank(self.source) == 0
+        if record is not None and main:
             _append_metrics(self.out, record)
             self.report(t, record)
         if self.next_ckpt is not None and t.tokens >= self.next_ckpt and t.step < t.total_steps:
+            # Every process takes part (its data position); process 0 writes.
             save(self.out / CHECKPOINTS / f"step_{t.step:08d}", t, self.source, self.cfg, self.info)
-            _prune(self.out / CHECKPOINTS, self.cfg.output.keep_checkpoints)
+            if main:
+                _prune(self.out / CHECKPOINTS, self.cfg.output.keep_checkpoints)
             self.next_ckpt = self._next(t.tokens)
         if self.callback is not None:
             self.callback(t, record)
@@ -184,13 +217,22 @@ class AfterStep:
 
 # ---- activations ------------------------------------------------------------------------------
 def open_rows(
-    cfg: TrainConfig, *, progress: bool = False, echo: Callable[[str], None] | None = None
+    cfg: TrainConfig,
+    *,
+    progress: bool = False,
+    echo: Callable[[str], None] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[RowStream, dict[str, Any]]:
     """The activation row stream (from the cache when configured) and what it is of."""
     a = cfg.activations
     if a.cache_dir is None:
         check_data(cfg)
-        return model_rows(cfg)
+        return model_rows(cfg, shard)
+    if shard[1] > 1:
+        raise ValueError(
+            "activations.cache_dir: a data-parallel run (--workers > 1) produces its "
+            "activations in each worker; leave the cache out"
+        )
     cache = ActivationCache(a.cache_dir, cache_spec(cfg))
     per_block = cfg.buffer_tokens // cfg.train.batch_size
     needed = -(-cfg.total_steps // per_block) * cfg.buffer_tokens  # whole shuffle blocks
@@ -214,7 +256,9 @@ def check_data(cfg: TrainConfig) -> None:
         raise ValueError(f"data.{e}" if re.match(r"\w+: ", str(e)) else str(e)) from e
 
 
-def model_rows(cfg: TrainConfig) -> tuple[ModelRows, dict[str, Any]]:
+def model_rows(
+    cfg: TrainConfig, shard: tuple[int, int] = (0, 1)
+) -> tuple[ModelRows, dict[str, Any]]:
     a = cfg.activations
     model, tokenizer = models.load_model(cfg.model, device=a.device, dtype=DTYPES[a.dtype])
     if cfg.layer is not None:
@@ -232,6 +276,7 @@ def model_rows(cfg: TrainConfig) -> tuple[ModelRows, dict[str, Any]]:
         skip_first_positions=a.skip_first_positions,
         outlier_norm_factor=a.outlier_norm_factor,
         epochs=a.epochs,
+        shard=shard,
     )
     return rows, {"model": model_name(cfg.model), "hookpoint": hookpoint}
 
@@ -259,7 +304,7 @@ def cache_spec(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # ---- trainer and checkpoints -------------------------------------------------------------------
-def build_trainer(cfg: TrainConfig, d_in: int) -> Trainer:
+def build_trainer(cfg: TrainConfig, d_in: int, reducer: Reducer | None = None) -> Trainer:
     """A fresh SAE (initialised with the run's seed) and its trainer."""
     torch.manual_seed(cfg.train.seed)
     sae_cfg = SAEConfig(
@@ -272,7 +317,11 @@ def build_trainer(cfg: TrainConfig, d_in: int) -> Trainer:
     sae = SAE(sae_cfg).to(models.pick_device(cfg.activations.device))
     sae.init_weights(generator=torch.Generator().manual_seed(cfg.train.seed))
     return Trainer(
-        sae, cfg.train, total_steps=cfg.total_steps, log_every_steps=cfg.output.log_every_steps
+        sae,
+        cfg.train,
+        total_steps=cfg.total_steps,
+        log_every_steps=cfg.output.log_every_steps,
+        reducer=reducer,
     )
 
 
@@ -298,7 +347,13 @@ def save(
         prepend_bos=False,
     )
     tensors, state = t.state()
-    state["data_position"] = source.position(t.step)
+    position = source.position(t.step)
+    if t.reducer.world > 1:
+        state["data_positions"] = t.reducer.gather(position)  # every process's, by rank
+        if _rank(source) != 0:
+            return path
+    else:
+        state["data_position"] = position
     return save_checkpoint(
         path,
         t.sae.export(t.scale),
@@ -309,10 +364,25 @@ def save(
     )
 
 
-def restore(t: Trainer, source: ActivationSource, checkpoint: Path) -> None:
+def restore(
+    t: Trainer, source: ActivationSource, checkpoint: Path, shard: tuple[int, int] = (0, 1)
+) -> None:
     tensors, state = load_training_state(checkpoint)
+    rank, world = shard
+    positions = state.get("data_positions") or [state["data_position"]]
+    if len(positions) != world:
+        raise ValueError(
+            f"checkpoint: {checkpoint} was written by a run of {len(positions)} worker(s); "
+            f"resume it with --workers {len(positions)}, not {world}"
+        )
     t.load_state(tensors, state)
-    source.restore(state["data_position"])
+    source.restore(positions[rank])
+
+
+def _rank(source: ActivationSource) -> int:
+    """The process's rank, from its rows' shard (0 alone or with a cache)."""
+    shard = getattr(source.rows, "shard", (0, 1))
+    return int(shard[0])
 
 
 def resumable_checkpoint(out: Path) -> tuple[Path, list[tuple[Path, str]]]:

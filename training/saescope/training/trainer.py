@@ -19,6 +19,15 @@ its losses, and the decoder upkeep around the optimiser step; it never branches 
 
 Everything that the next step depends on — raw weights, Adam's moments, step, dead-feature
 counters, RNG states — is in ``state()`` / ``load_state()``, as tensors and JSON (no pickle).
+
+Data-parallel training (``distributed``): each of N processes runs this trainer on its own
+batches with a ``Reducer`` that sums across them. The normalisation scale, the gradients
+(averaged, before the decoder upkeep and the clip), the feature counts and the metrics are
+reduced, so every process holds the same weights, dead-feature mask and records — those of one
+trainer whose batch is the N batches together. A step happens only when every process has a
+batch. (Exact for losses that are means over rows, as relu's and topk's reconstruction and
+sparsity terms are; a batch-level statistic — BatchTopK's threshold, AuxK's normaliser — is
+taken per process.)
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -43,6 +52,31 @@ from saescope.training.sae import SAE
 Callback = Callable[["Trainer", dict[str, Any] | None], None]
 
 
+class Reducer(Protocol):
+    """Sums tensors in place across the processes of a data-parallel run (``world`` of them)."""
+
+    world: int
+
+    def sum_(self, t: Tensor) -> None: ...
+    def min_(self, t: Tensor) -> None: ...
+    def gather(self, obj: Any) -> list[Any]: ...
+
+
+class Alone:
+    """The reducer of a run in one process: nothing to reduce."""
+
+    world = 1
+
+    def sum_(self, t: Tensor) -> None:
+        pass
+
+    def min_(self, t: Tensor) -> None:
+        pass
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
 @dataclass
 class StepOutput:
     x_hat: Tensor  # (N, d_in), detached
@@ -54,9 +88,16 @@ class Trainer:
     """Trains ``sae`` (already initialised) for ``total_steps`` steps."""
 
     def __init__(
-        self, sae: SAE, cfg: TrainSection, *, total_steps: int, log_every_steps: int = 20
+        self,
+        sae: SAE,
+        cfg: TrainSection,
+        *,
+        total_steps: int,
+        log_every_steps: int = 20,
+        reducer: Reducer | None = None,
     ) -> None:
         self.sae, self.cfg, self.total_steps = sae, cfg, total_steps
+        self.reducer: Reducer = reducer or Alone()
         self.log_every = log_every_steps
         self.device = sae.W_enc.device
         self.arch = sae.arch
@@ -100,9 +141,10 @@ class Trainer:
             stream = self.estimate_scale(stream)
         while self.step < self.total_steps:
             x = next(stream, None)
-            if x is None:
+            if not self._everyone_has(x):
                 self.data_ended = True
                 break
+            assert x is not None
             x = self.prepare(x)  # (N, d_in), normalised
             out = self.train_step(x)
             self.observe(x, out)
@@ -110,13 +152,28 @@ class Trainer:
             if callback is not None:
                 callback(self, record)
 
+    def _everyone_has(self, x: Tensor | None) -> bool:
+        """Whether every process has a batch (alone: whether this one has)."""
+        if self.reducer.world == 1:
+            return x is not None
+        flag = torch.tensor([0 if x is None else 1], dtype=torch.int64)
+        self.reducer.min_(flag)
+        return bool(flag.item())
+
     def estimate_scale(self, stream: Iterator[Tensor]) -> Iterator[Tensor]:
-        """Set ``scale`` from the first batches; return the stream with them put back."""
+        """Set ``scale`` from the first batches (every process's); return the stream with them
+        put back."""
         head = [x for _, x in zip(range(self.cfg.scale_batches), stream, strict=False)]
         if not head:
             raise ValueError("activations: the data produced no batches")
-        sq = sum(float(self.check(x).double().pow(2).sum()) for x in head)
-        mean_sq = sq / sum(len(x) for x in head)
+        sums = torch.tensor(
+            [sum(float(self.check(x).double().pow(2).sum()) for x in head),
+             float(sum(len(x) for x in head))],
+            dtype=torch.float64,
+        )  # fmt: skip
+        self.reducer.sum_(sums)
+        sq, n = sums.tolist()
+        mean_sq = sq / n
         if not mean_sq > 0:
             raise ValueError("activations: all-zero activations; cannot normalise")
         self.scale = math.sqrt(self.sae.cfg.d_in / mean_sq)
@@ -146,6 +203,7 @@ class Trainer:
         scalars = self.arch.losses(self.sae, x, p, ctx)
         self.opt.zero_grad(set_to_none=True)
         scalars["loss"].backward()
+        self._average_gradients()
         self.arch.before_step(self.sae)
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
@@ -153,11 +211,27 @@ class Trainer:
         self.arch.after_step(self.sae)
         return StepOutput(p.x_hat, p.counts, {k: v.detach() for k, v in scalars.items()})
 
+    def _average_gradients(self) -> None:
+        """Every process's gradients, averaged: those of the N batches together (each loss is
+        a mean over its batch's rows, and the batches are equal)."""
+        world = self.reducer.world
+        if world == 1:
+            return
+        for p in self.sae.parameters():
+            if p.grad is not None:
+                self.reducer.sum_(p.grad)
+                p.grad.div_(world)
+
     def observe(self, x: Tensor, out: StepOutput) -> None:
-        self.features.update_counts(out.counts, len(x))
-        self.window.update(x, out.x_hat, out.counts.sum(), out.scalars)
+        counts = out.counts
+        if self.reducer.world > 1:
+            counts = counts.clone()
+            self.reducer.sum_(counts)  # (d_sae,) over every process's batch
+        n = len(x) * self.reducer.world
+        self.features.update_counts(counts, n)
+        self.window.update(x, out.x_hat, out.counts.sum(), out.scalars, self.reducer)
         self.step += 1
-        self.tokens += len(x)
+        self.tokens += n
 
     def maybe_log(self, *, force: bool = False) -> dict[str, Any] | None:
         """A metrics record every ``log_every`` steps and at the last one."""

@@ -1,8 +1,8 @@
 """Validate rendered objects: built-in kinds with kubernetes-validate, custom ones by schema.
 
-The custom resources (RayService, PodMonitor, ServiceMonitor, PrometheusRule) are checked against
-the CRD schemas in ``tests/k8s/crd_schemas`` (in the repository: a clone never lacks them; see
-that folder's README for their source, version and licence), made strict: every object schema
+The custom resources (RayService, RayJob, PodMonitor, ServiceMonitor, PrometheusRule) are checked
+against the CRD schemas in ``tests/k8s/crd_schemas`` (in the repository: a clone never lacks them;
+see that folder's README for their source, version and licence), made strict: every object schema
 that lists ``properties`` and does not preserve unknown fields gets
 ``additionalProperties: false``, so a misspelt field fails instead of being pruned silently by
 the API server.
@@ -28,6 +28,7 @@ Manifest = dict[str, Any]
 # (apiVersion, kind) -> schema file in tests/k8s/crd_schemas.
 CRD_SCHEMAS = {
     ("ray.io/v1", "RayService"): "rayservice_v1.schema.json",
+    ("ray.io/v1", "RayJob"): "rayjob_v1.schema.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor_v1.schema.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor_v1.schema.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule_v1.schema.json",

@@ -88,7 +88,8 @@ def train_workers(
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+        # SPREAD: one worker per node where there are several (each runs its own model).
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, placement_strategy="SPREAD"),
         run_config=RunConfig(storage_path=str(out.resolve() / "ray_train"), name="run"),
     )
     trainer.fit()

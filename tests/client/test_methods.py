@@ -23,6 +23,7 @@ NAMES = sorted(n for n, v in vars(Methods).items() if isinstance(v, rpc | stream
 def test_the_method_list() -> None:
     assert NAMES == [
         "activations",
+        "activations_by_sae",
         "attribute",
         "contrast",
         "feature",

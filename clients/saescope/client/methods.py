@@ -63,6 +63,25 @@ class Call(Generic[R]):
     """For a generation: how a streamed event becomes an item (``streaming``)."""
 
 
+def _activations_request(
+    prompts: PromptLike | Sequence[PromptLike],
+    top_k: int,
+    feature_ids: list[int],
+    top_k_aggregated: int,
+    aggregation: Aggregation,
+    include_special_tokens: bool,
+) -> pb.GetFeatureActivationsRequest:
+    """A GetFeatureActivations request without its SAE(s)."""
+    return pb.GetFeatureActivationsRequest(
+        prompts=_convert.prompts(prompts, "prompts"),
+        top_k_per_token=top_k,
+        feature_ids=feature_ids,
+        top_k_aggregated=top_k_aggregated,
+        aggregation=_convert.aggregation(aggregation),
+        include_special_tokens=include_special_tokens,
+    )
+
+
 def _by_shape(rpc: str, request: Message, result: type[R], timeout: float | None) -> Call[R]:
     """A call whose response becomes ``result`` by shape (``saescope.api.v1.shapes``)."""
     return Call(rpc, request, functools.partial(_convert.result, cls=result), timeout)
@@ -183,15 +202,10 @@ class Methods:
             include_special_tokens: Count BOS and template markers in the aggregation.
         """
         feature_ids = list(features)
-        request = pb.GetFeatureActivationsRequest(
-            sae_id=sae_id or "",
-            prompts=_convert.prompts(prompts, "prompts"),
-            top_k_per_token=top_k,
-            feature_ids=feature_ids,
-            top_k_aggregated=top_k_aggregated,
-            aggregation=_convert.aggregation(aggregation),
-            include_special_tokens=include_special_tokens,
+        request = _activations_request(
+            prompts, top_k, feature_ids, top_k_aggregated, aggregation, include_special_tokens
         )
+        request.sae_id = sae_id or ""
         return Call(
             "GetFeatureActivations",
             request,
@@ -221,15 +235,10 @@ class Methods:
                 ``activations``, for every SAE (``features`` must exist in each).
         """
         feature_ids = list(features)
-        request = pb.GetFeatureActivationsRequest(
-            sae_ids=list(sae_ids),
-            prompts=_convert.prompts(prompts, "prompts"),
-            top_k_per_token=top_k,
-            feature_ids=feature_ids,
-            top_k_aggregated=top_k_aggregated,
-            aggregation=_convert.aggregation(aggregation),
-            include_special_tokens=include_special_tokens,
+        request = _activations_request(
+            prompts, top_k, feature_ids, top_k_aggregated, aggregation, include_special_tokens
         )
+        request.sae_ids.extend(sae_ids)
         return Call(
             "GetFeatureActivations",
             request,

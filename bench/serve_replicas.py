@@ -2,10 +2,12 @@
 
 The cluster is Ray's own (``tests/support/cluster.py``: two nodes on this machine, one Serve
 proxy, one replica per node at most); the app serves the default model and a random SAE at
-layer 15, each replica with one torch thread. 8 concurrent steered streams (each its own
-feature) of 64 tokens, over gRPC; tokens/s over the wall time, median of the rounds. The
-baseline is the same cluster with one replica. On this 2-core machine two replicas can use
-both cores; the proxy, the controller and the clients share them too.
+layer 15, each replica with one torch thread. Two kinds of work, over gRPC, tokens/s over the
+wall time, median of the rounds: 8 concurrent steered streams (each its own feature) of 64
+tokens — decoding, which one replica already batches (8 rows a step cost little more than 4) —
+and 8 clients making activation calls of 4 prompts of ~150 tokens — forward passes, bound by
+compute. The baseline is the same cluster with one replica. On this 2-core machine two replicas
+can use both cores; the proxy, the controller and the clients share them too.
 
     python -m bench.serve_replicas          # --quick: the tiny test model, for the smoke test
 """
@@ -42,32 +44,58 @@ def measure(args: argparse.Namespace) -> None:
 
     rounds = args.rounds or (1 if args.quick else 3)
     tokens = 8 if args.quick else 64
-    runs: dict[int, list[float]] = {}
+    calls = 2 if args.quick else 6
+    # ~150 tokens a prompt (quick: one sentence, within the tiny app's test limits)
+    text = common.FALLBACK_TEXTS[0] if args.quick else " ".join(common.FALLBACK_TEXTS)
+    work_of = {
+        "streams": lambda t: cluster.streams(t, 8, tokens)["tokens_per_s"],
+        "activations": lambda t: cluster.activation_calls(t, 8, calls, text)["tokens_per_s"],
+    }
+    runs: dict[str, dict[int, list[float]]] = {w: {} for w in work_of}
     with tempfile.TemporaryDirectory(prefix="saescope-bench-replicas-") as tmp:
         for n in (1, 2):
             work = Path(tmp) / f"r{n}"
             work.mkdir()
             with cluster.two_nodes(), cluster.served(app_args(args, work, n)) as target:
                 cluster.streams(target, 2, 4)  # warm both replicas' first forwards
-                runs[n] = []
+                for w in work_of:
+                    runs[w][n] = []
                 for _ in range(rounds):
                     common.wait_for_quiet()
-                    runs[n].append(cluster.streams(target, 8, tokens)["tokens_per_s"])
-    one, two = common.median(runs[1]), common.median(runs[2])
-    rows = [
-        {"replicas": n, "tokens/s (median)": round(common.median(runs[n]), 1),
-         "× one replica": round(common.median(runs[n]) / one, 2)}
-        for n in (1, 2)
-    ]  # fmt: skip
+                    for w, fn in work_of.items():
+                        runs[w][n].append(fn(target))
+    rows, targets = [], []
+    for w, label in (
+        ("streams", "8 steered streams (decode)"),
+        ("activations", "8 clients of activation calls (prefill)"),
+    ):
+        one = common.median(runs[w][1])
+        for n in (1, 2):
+            rows.append(
+                {
+                    "work": label,
+                    "replicas": n,
+                    "tokens/s (median)": round(common.median(runs[w][n]), 1),
+                    "× one replica": round(common.median(runs[w][n]) / one, 2),
+                }
+            )
+        targets.append(
+            common.Target(
+                f"{w}: 2 replicas / 1 replica tokens/s",
+                common.median(runs[w][2]) / one,
+                TARGET,
+                ">=",
+            )
+        )
     common.write_result(
         args.out,
         NAME,
-        title="Two replicas on a two-node Ray cluster: aggregate streaming throughput",
-        params={"streams": 8, "max_new_tokens": tokens, "rounds": rounds, "torch_threads": 1,
-                "model": "tiny" if args.quick else "default"},
+        title="Two replicas on a two-node Ray cluster: aggregate throughput",
+        params={"max_new_tokens": tokens, "calls_per_client": calls, "rounds": rounds,
+                "torch_threads": 1, "model": "tiny" if args.quick else "default"},
         rows=rows,
-        targets=[common.Target("2 replicas / 1 replica tokens/s", two / one, TARGET, ">=")],
-        series={str(n): v for n, v in runs.items()},
+        targets=targets,
+        series={w: {str(n): v for n, v in r.items()} for w, r in runs.items()},
     )  # fmt: skip
 
 

@@ -152,7 +152,7 @@ def test_serve_replicas_runs(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = _check(tmp_path, "serve_replicas")
-    assert [r["replicas"] for r in res["rows"]] == [1, 2]
+    assert [r["replicas"] for r in res["rows"]] == [1, 2, 1, 2]
 
 
 def test_train_workers_runs(tmp_path: Path) -> None:

@@ -148,6 +148,36 @@ def streams(target: str, n: int, tokens: int) -> dict[str, Any]:
     return {"tokens": sum(counts), "seconds": wall, "tokens_per_s": sum(counts) / wall}
 
 
+def activation_calls(target: str, clients: int, calls: int, text: str) -> dict[str, Any]:
+    """``clients`` threads each making ``calls`` GetFeatureActivations calls of ``text`` (4
+    prompts); prompt tokens/s over the wall time."""
+    import grpc
+
+    from saescope.api.v1 import saescope_pb2 as pb
+    from saescope.api.v1 import saescope_pb2_grpc as pb_grpc
+
+    md = (("application", APP),)
+    tokens = [0] * clients
+
+    def one(i: int) -> None:
+        prompts = [pb.Prompt(text=f"{j} {i} {text}") for j in range(4)]
+        req = pb.GetFeatureActivationsRequest(prompts=prompts, top_k_per_token=4)
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.SaeScopeStub(ch)
+            for _ in range(calls):
+                res = stub.GetFeatureActivations(req, metadata=md, timeout=600)
+                tokens[i] += sum(len(p.tokens) for p in res.prompts)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"tokens": sum(tokens), "seconds": wall, "tokens_per_s": sum(tokens) / wall}
+
+
 def until_success_after_kill(target: str, clients: int, kill: Callable[[], None]) -> list[Any]:
     """Half the clients call GetFeatureActivations in a loop, half hold a long stream; ``kill``
     runs once every client has a call under way. A unary client stops at its first success

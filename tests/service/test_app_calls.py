@@ -162,18 +162,33 @@ def test_failures_while_shutting_down_are_unavailable(error: Exception) -> None:
     assert run_call(obj, NotFound("sae_id: x")).code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_get_info_is_answered_without_engine_work() -> None:
-    """GetInfo returns the response built at start, on the event loop: no worker thread (they
-    may all be busy with model work) and no engine call."""
+def test_get_info_is_answered_on_the_loop_from_bookkeeping() -> None:
+    """GetInfo is answered on the event loop from ``engine.info()`` (bookkeeping: the SAE pool's
+    states and bytes): no worker thread (they may all be busy with model work) and no other
+    engine call."""
+    from google.protobuf import json_format
 
-    class NoEngine:
+    from saescope.api.v1 import saescope_pb2 as pb
+    from saescope.service import convert
+    from tests.protos.wire_cases import INFO
+
+    class InfoOnly:
+        def info(self) -> Any:
+            return INFO
+
         def __getattr__(self, name: str) -> Any:
             raise AssertionError(f"GetInfo touched the engine ({name})")
 
+    class NoPool:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"GetInfo used a worker thread ({name})")
+
     obj = app()
-    obj._info, obj._engine, obj._pool = object(), NoEngine(), NoEngine()
+    obj._engine, obj._pool = InfoOnly(), NoPool()
     ctx = RayServegRPCContext(_ServicerContext((), LOCAL))  # type: ignore[arg-type]
     try:
-        assert asyncio.run(obj.GetInfo(None, ctx)) is obj._info
+        got = asyncio.run(obj.GetInfo(None, ctx))
+        want = convert.response(INFO, pb.GetInfoResponse)
+        assert json_format.MessageToDict(got) == json_format.MessageToDict(want)
     finally:
         del obj._engine  # nothing for __del__ to close

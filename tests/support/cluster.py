@@ -138,14 +138,7 @@ def streams(target: str, n: int, tokens: int) -> dict[str, Any]:
             for ev in pb_grpc.SaeScopeStub(ch).StreamGenerateSteered(req, metadata=md, timeout=600):
                 counts[i] += ev.HasField("token")
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return {"tokens": sum(counts), "seconds": wall, "tokens_per_s": sum(counts) / wall}
+    return _concurrently(n, one, counts)
 
 
 def activation_calls(target: str, clients: int, calls: int, text: str) -> dict[str, Any]:
@@ -168,8 +161,14 @@ def activation_calls(target: str, clients: int, calls: int, text: str) -> dict[s
                 res = stub.GetFeatureActivations(req, metadata=md, timeout=600)
                 tokens[i] += sum(len(p.tokens) for p in res.prompts)
 
+    return _concurrently(clients, one, tokens)
+
+
+def _concurrently(n: int, one: Callable[[int], None], tokens: list[int]) -> dict[str, Any]:
+    """``one(i)`` for i < n on as many threads at once; the ``tokens`` they counted per
+    second of wall time."""
     start = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:

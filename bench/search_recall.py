@@ -68,22 +68,13 @@ def readings(engine: Any, sae_id: str) -> dict[str, Callable[[str], tuple[list[i
 
 
 def rank_of(engine: Any, sae_id: str, ids: list[int], special: list[bool], feature: int) -> int:
-    """The feature's 1-based rank in the activation half's ranking for these ids."""
-    import torch
-
-    from saescope.service import activations, catalog
+    """The feature's 1-based rank in the activation half's ranking for these ids (what
+    SearchFeatures computes: ``Engine._query_peaks``, ``catalog.surprise``)."""
+    from saescope.service import catalog
     from saescope.service.feature_search import ranking
 
     ls = engine.rt.get_sae(sae_id)
-    (resid,) = activations.forward_residuals(engine.rt, [ids], [ls.hookpoint])
-    x = resid[ls.hookpoint]  # (T, d_in)
-    with torch.inference_mode():
-        f = engine.rt.encode(ls, x)  # (T, d_sae)
-        read = ls.aggregation_mask(x, special, include_special=False)  # (T,)
-        peaks = activations.aggregate(f, read, "max").float().cpu().numpy()  # (d_sae,)
-    share = catalog.tail(ls.catalog, peaks)
-    rank_by = np.where((peaks > 0) & (share <= catalog.NOTABLE_TAIL), -np.log(share), 0.0)
-    order = ranking(rank_by)
+    order = ranking(catalog.surprise(ls.catalog, engine._query_peaks(ls, ids, special)))
     return order.index(feature) + 1 if feature in order else MISSING
 
 

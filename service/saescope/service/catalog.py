@@ -358,6 +358,14 @@ def validate_search(req: SearchFeaturesRequest, limits: Limits, max_chars: int) 
     return _count("top_n", req.top_n, limits) or _default(DEFAULT_EXAMPLES, limits)
 
 
+def surprise(sc: ServedCatalog, peaks: np.ndarray) -> np.ndarray:
+    """What the activation half ranks by: per feature, −log P(value ≥ its peak on the query)
+    over the catalog's tokens, and only where that is rarer than NOTABLE_TAIL (else 0): a dense
+    feature at its median says nothing of the query, a rare one at its 99.9th percentile does."""
+    share = tail(sc, peaks)
+    return np.where((peaks > 0) & (share <= NOTABLE_TAIL), -np.log(share), 0.0)  # type: ignore[no-any-return]
+
+
 def search(
     sae_id: str,
     sc: ServedCatalog | None,
@@ -379,11 +387,7 @@ def search(
         text = np.where(bm25 >= TEXT_FLOOR * bm25.max(initial=0.0), bm25, 0.0)
         top = sc.catalog.max
         activation = np.where(top > 0, activation / np.where(top > 0, top, 1.0), activation)
-        # Ranked by surprise, −log P(value ≥ peak) over the catalog's tokens, and only where
-        # that is rarer than NOTABLE_TAIL: a dense feature at its median says nothing of the
-        # query, a rare one at its 99.9th percentile does.
-        share = tail(sc, peaks)
-        rank_by = np.where((peaks > 0) & (share <= NOTABLE_TAIL), -np.log(share), 0.0)
+        rank_by = surprise(sc, peaks)
     hits = []
     for f, fused, text_score, fired in fuse(text, rank_by, top_n):
         activation_score = float(activation[f]) if peaks[f] > 0 else None

@@ -39,6 +39,7 @@ import importlib.metadata
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from saescope.service import activations, attribution, catalog, contrast, features, prompts
@@ -358,15 +359,19 @@ class Engine(EngineClient):
         tokens, read in context (``_query_in_context``)."""
         ls = self.rt.get_sae(req.sae_id)
         top_n = catalog.validate_search(req, self.limits, self.prompt_limits.max_chars)
-        ids, special = self._query_in_context(ls, req.query)
+        peaks = self._query_peaks(ls, *self._query_in_context(ls, req.query))
+        density = None if ls.log_density is None else ls.log_density.numpy()
+        return catalog.search(ls.sae_id, ls.catalog, density, req.query, peaks, top_n)
+
+    def _query_peaks(self, ls: LoadedSae, ids: list[int], special: list[bool]) -> np.ndarray:
+        """Each feature's largest value ``(d_sae,)`` over the positions of ``ids`` it reads
+        (not ``special``, not out of distribution)."""
         (resid,) = activations.forward_residuals(self.rt, [ids], [ls.hookpoint])
         x = resid[ls.hookpoint]  # (T, d_in)
         with torch.inference_mode():
             f = self.rt.encode(ls, x)  # (T, d_sae)
             read = ls.aggregation_mask(x, special, include_special=False)  # (T,)
-            peaks = activations.aggregate(f, read, "max").float().cpu().numpy()  # (d_sae,)
-        density = None if ls.log_density is None else ls.log_density.numpy()
-        return catalog.search(ls.sae_id, ls.catalog, density, req.query, peaks, top_n)
+            return activations.aggregate(f, read, "max").float().cpu().numpy()  # type: ignore[no-any-return]
 
     def _query_in_context(self, ls: LoadedSae, query: str) -> tuple[list[int], list[bool]]:
         """The ids a query is read at, and which of them are not read (``special``): a document
